@@ -1,0 +1,293 @@
+"""Data sets, chosen by a spec string (``--data``).
+
+* ``digits`` (default): scikit-learn's bundled ``load_digits`` (1,797 real 8x8 handwritten
+  digits), seeded stratified 80/20 train/test split; nothing is downloaded.
+* ``npz:PATH``: a user's file with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (any input
+  shape, integer labels 0..C-1), used as given.
+* ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``, ``cifar100:DIR``: torchvision data sets
+  read from a local folder (``download=False``), with the usual normalisation, and random crop +
+  flip augmentation on the CIFAR training sets.
+
+Everything is held in memory as tensors: the data sets here are small enough, and mini-batches
+then cost one index operation instead of a DataLoader round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from modeconn.types import Batch
+
+__all__ = ["Dataset", "load_data", "iterate_batches", "DATA_KINDS", "DEFAULT_DATA"]
+
+DEFAULT_DATA = "digits"
+DATA_KINDS = ("digits", "npz:PATH", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test tensors plus what a consumer needs to preprocess raw inputs the same way."""
+
+    name: str
+    x_train: Tensor  # (N, *input_shape) float32, preprocessed
+    y_train: Tensor  # (N,) int64
+    x_test: Tensor  # (M, *input_shape)
+    y_test: Tensor  # (M,)
+    num_classes: int
+    #: How raw inputs become model inputs, for services and exported models (JSON-serialisable).
+    preprocessing: dict = field(default_factory=dict)
+    augment: Augment | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A short hash of the tensors, recorded in artifacts to catch a change of data."""
+        digest = hashlib.sha256()
+        for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise ValueError(f"unknown split {name!r}; expected 'train' or 'test'")
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "train_size": len(self.y_train),
+            "test_size": len(self.y_test),
+            "fingerprint": self.fingerprint(),
+            "preprocessing": self.preprocessing,
+        }
+
+
+def iterate_batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    augment: Augment | None = None,
+    drop_last: bool = False,
+    device: torch.device | str | None = None,
+) -> Iterator[Batch]:
+    """One pass over ``(x, y)`` in mini-batches, shuffled with ``generator`` when asked."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for begin in range(0, stop, batch_size):
+        idx = order[begin : begin + batch_size]
+        xb, yb = x[idx], y[idx]
+        if augment is not None:
+            xb = augment(xb, generator)
+        yield xb.to(device), yb.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def load_data(spec: str = DEFAULT_DATA, *, split_seed: int = 0) -> Dataset:
+    """Load the data set named by ``spec`` (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits":
+        if arg:
+            raise ValueError(f"'digits' takes no argument, got {spec!r}")
+        return _load_digits(split_seed)
+    if kind == "npz":
+        return _load_npz(_require_arg(spec, arg, "a file path"))
+    if kind in _TORCHVISION:
+        return _load_torchvision(kind, _require_arg(spec, arg, "a folder"))
+    raise ValueError(f"unknown data set {spec!r}; expected one of: {', '.join(DATA_KINDS)}")
+
+
+def _require_arg(spec: str, arg: str, what: str) -> str:
+    if not arg:
+        kind = spec.split(":")[0]
+        raise ValueError(f"data set {spec!r} needs {what}: write it as '{kind}:PATH'")
+    return arg
+
+
+def _load_digits(split_seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.2, random_state=split_seed, stratify=y
+    )
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    x_tr = (x_tr - mean) / std
+    x_te = (x_te - mean) / std
+    return Dataset(
+        name="digits",
+        x_train=torch.from_numpy(x_tr).unsqueeze(1),  # (N, 1, 8, 8)
+        y_train=torch.from_numpy(y_tr),
+        x_test=torch.from_numpy(x_te).unsqueeze(1),
+        y_test=torch.from_numpy(y_te),
+        num_classes=10,
+        preprocessing={
+            "kind": "image",
+            "channels": 1,
+            "size": [8, 8],
+            "raw_max": 16.0,
+            "mean": [mean],
+            "std": [std],
+            "ink": "light-on-dark",
+        },
+    )
+
+
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _load_npz(path_str: str) -> Dataset:
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ValueError(f"npz data file not found: {path}")
+    try:
+        # allow_pickle=False: an npz holding object arrays is refused, never unpickled.
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in _NPZ_KEYS if key not in archive.files]
+            if missing:
+                raise ValueError(
+                    f"{path} lacks {', '.join(missing)}; expected arrays {', '.join(_NPZ_KEYS)} "
+                    f"(found {', '.join(archive.files) or 'none'})"
+                )
+            arrays = {key: archive[key] for key in _NPZ_KEYS}
+    except ValueError as err:
+        if "lacks" in str(err):
+            raise
+        raise ValueError(f"cannot read {path} as an npz of numeric arrays: {err}") from err
+    except (OSError, EOFError) as err:
+        raise ValueError(f"cannot read {path} as an npz file: {err}") from err
+
+    x_tr, y_tr, x_te, y_te = (arrays[key] for key in _NPZ_KEYS)
+    for xname, x, yname, y in (("x_train", x_tr, "y_train", y_tr), ("x_test", x_te, "y_test", y_te)):
+        if x.ndim < 2:
+            raise ValueError(f"{path}: {xname} must have shape (N, *input_shape), got {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(
+                f"{path}: {yname} must have shape ({len(x)},) to match {xname}, got {y.shape}"
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"{path}: {xname} must be numeric, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{path}: {xname} contains NaN or infinite values")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{path}: {yname} must hold integer class labels, got dtype {y.dtype}")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ValueError(
+            f"{path}: x_train inputs have shape {x_tr.shape[1:]}, x_test {x_te.shape[1:]}; "
+            "they must match"
+        )
+    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
+    low = int(min(y_tr.min(initial=0), y_te.min(initial=0)))
+    if low < 0:
+        raise ValueError(f"{path}: labels must lie in 0..C-1, found {low}")
+    if len(y_tr) == 0:
+        raise ValueError(f"{path}: x_train is empty")
+    return Dataset(
+        name=f"npz:{path}",
+        x_train=torch.from_numpy(x_tr.astype(np.float32)),
+        y_train=torch.from_numpy(y_tr.astype(np.int64)),
+        x_test=torch.from_numpy(x_te.astype(np.float32)),
+        y_test=torch.from_numpy(y_te.astype(np.int64)),
+        num_classes=num_classes,
+        preprocessing={"kind": "array", "note": "inputs are used as given in the npz file"},
+    )
+
+
+# name -> (torchvision class, mean per channel, std per channel, augment)
+_TORCHVISION = {
+    "mnist": ("MNIST", (0.1307,), (0.3081,), False),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), False),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+}
+
+
+def _load_torchvision(kind: str, root_str: str) -> Dataset:
+    import torchvision
+
+    cls_name, mean, std, augment = _TORCHVISION[kind]
+    root = Path(root_str).expanduser()
+    if not root.is_dir():
+        raise ValueError(
+            f"{kind} folder not found: {root}. Nothing is downloaded here: put the {cls_name} "
+            "files there first (as torchvision's datasets.{cls_name}(root, download=True) would)"
+        )
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        train = cls(str(root), train=True, download=False)
+        test = cls(str(root), train=False, download=False)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{kind} not found or corrupt in {root}: {err} (expected the files torchvision's "
+            f"datasets.{cls_name} reads)"
+        ) from err
+
+    def tensors(ds) -> tuple[Tensor, Tensor]:
+        data = torch.as_tensor(np.asarray(ds.data)).float() / 255.0
+        data = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        return ((data - m) / s).contiguous(), torch.as_tensor(np.asarray(ds.targets)).long()
+
+    x_tr, y_tr = tensors(train)
+    x_te, y_te = tensors(test)
+    return Dataset(
+        name=f"{kind}:{root}",
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        num_classes=len(train.classes),
+        preprocessing={
+            "kind": "image",
+            "channels": len(mean),
+            "size": list(x_tr.shape[2:]),
+            "raw_max": 255.0,
+            "mean": list(mean),
+            "std": list(std),
+            "ink": "dark-on-light" if kind != "mnist" else "light-on-dark",
+        },
+        augment=_crop_flip if augment else None,
+    )
+
+
+def _crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Random 4-pixel-padded crop and horizontal flip, per image (the CIFAR standard)."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))  # (N, C, H+8, W+8)
+    dy = torch.randint(0, 9, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 9, (n,), generator=generator).tolist()
+    cropped = torch.stack(
+        [padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]
+    )  # (N, C, H, W)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cropped[flip] = cropped[flip].flip(-1)
+    return cropped
