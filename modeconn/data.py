@@ -186,7 +186,10 @@ def _load_npz(path_str: str) -> Dataset:
         raise ValueError(f"cannot read {path} as an npz file: {err}") from err
 
     x_tr, y_tr, x_te, y_te = (arrays[key] for key in _NPZ_KEYS)
-    for xname, x, yname, y in (("x_train", x_tr, "y_train", y_tr), ("x_test", x_te, "y_test", y_te)):
+    for xname, x, yname, y in (
+        ("x_train", x_tr, "y_train", y_tr),
+        ("x_test", x_te, "y_test", y_te),
+    ):
         if x.ndim < 2:
             raise ValueError(f"{path}: {xname} must have shape (N, *input_shape), got {x.shape}")
         if y.ndim != 1 or len(y) != len(x):

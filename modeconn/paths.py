@@ -40,7 +40,9 @@ __all__ = [
 def uniform_knots(num_nodes: int) -> Tensor:
     """Knots 0, 1/(K-1), ..., 1 for K nodes."""
     if num_nodes < 2:
-        raise ValueError(f"a path needs at least 2 nodes (its endpoints), got num_nodes={num_nodes}")
+        raise ValueError(
+            f"a path needs at least 2 nodes (its endpoints), got num_nodes={num_nodes}"
+        )
     return torch.linspace(0.0, 1.0, num_nodes, dtype=torch.float64)
 
 
@@ -142,7 +144,9 @@ class Path:
         return point[VECTOR_KEY] if self.is_vector else point
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        self.nodes = {key: value.to(device=device, dtype=dtype) for key, value in self.nodes.items()}
+        self.nodes = {
+            key: value.to(device=device, dtype=dtype) for key, value in self.nodes.items()
+        }
         return self
 
     def describe(self) -> dict:

@@ -42,9 +42,21 @@ def model_entry(name: str) -> ModelFn:
 
 
 def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
-    """Build model ``name`` for inputs of ``input_shape`` (no batch axis) and ``num_classes``."""
+    """Build model ``name`` for inputs of ``input_shape`` (no batch axis) and ``num_classes``.
+
+    The returned module carries ``model.modeconn_config``: the name, input shape, number of
+    classes and keyword arguments it was built with.
+    """
     fn = model_entry(name)
     try:
-        return fn(tuple(input_shape), int(num_classes), **kwargs)
+        model = fn(tuple(input_shape), int(num_classes), **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for model {name!r}: {err}") from err
+    # The model describes itself, so that an artifact can rebuild it (timm's pretrained_cfg).
+    model.modeconn_config = {
+        "name": name,
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "kwargs": dict(kwargs),
+    }
+    return model

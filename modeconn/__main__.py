@@ -1,0 +1,5 @@
+import sys
+
+from modeconn.cli import main
+
+sys.exit(main())

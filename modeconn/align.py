@@ -1,0 +1,287 @@
+"""Git Re-Basin weight matching: permute network B's hidden units onto network A's.
+
+Ainsworth, Hayase & Srinivasa 2022, "Git Re-Basin: Merging Models modulo Permutation
+Symmetries" (arXiv 2209.04836), Algorithm 1 ("weight matching"). Two networks trained
+independently compute the same family of functions up to a renaming of hidden units; choosing
+the renaming of B that best correlates its weights with A's removes most of the loss barrier on
+the straight line between them, which is why every path in this library starts from aligned
+endpoints.
+
+The objective is ``sum_k <A_k, pi(B)_k>`` over the weight tensors ``k``. It is maximised by
+coordinate ascent over the permutation groups of a :data:`models.spec.PermutationSpec`: with
+every other group fixed, the objective is linear in one group's permutation matrix, so one
+linear assignment problem (``scipy.optimize.linear_sum_assignment``) solves that group exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from modeconn.types import StateDict
+from models.spec import PermutationSpec, apply_permutation, check_spec, group_sizes
+
+__all__ = ["AlignmentResult", "weight_matching", "align_models", "matching_keys"]
+
+logger = logging.getLogger(__name__)
+
+#: Leaf names of buffers that describe activations, not weights: permuted, never matched.
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+# A sweep counts as a gain only above this relative improvement of one group's objective; it
+# absorbs float64 summation noise so ties between equally good assignments never cycle.
+_REL_TOL = 1e-10
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """What :func:`weight_matching` found.
+
+    ``perms[g]`` is a LongTensor ``p`` with ``aligned = B[p]`` along every axis of group ``g``;
+    ``state`` is the full permuted state dict of B (BatchNorm running statistics included);
+    ``objective`` holds ``sum_k <A_k, pi(B)_k>`` for the identity and after each sweep.
+    ``lsa_seconds``/``lsa_calls`` time the linear assignment solves (for benchmarks).
+    """
+
+    perms: dict[str, Tensor]
+    state: StateDict
+    objective: list[float]
+    sweeps: int
+    seconds: float
+    lsa_seconds: float = 0.0
+    lsa_calls: int = 0
+    converged: bool = field(default=True)
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One (weight, axis) pair that touches a group, prepared for the cost matrix."""
+
+    key: str
+    a_flat: Tensor  # (n, m): A's tensor with the group's axis first, flattened, float64
+    b_moved: Tensor  # (n, *rest): B's tensor with the group's axis first, float64, contiguous
+    others: tuple[tuple[int, str], ...]  # (axis of b_moved, group) of every other permuted axis
+
+
+def matching_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys used for matching by default: floating tensors other than BN running statistics."""
+    return [
+        key
+        for key, value in state.items()
+        if value.is_floating_point() and key.rsplit(".", 1)[-1] not in _RUNNING_STATS
+    ]
+
+
+def _check_pair(
+    spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
+):
+    check_spec(spec, state_a)
+    if list(state_a) != list(state_b) and set(state_a) != set(state_b):
+        diff = sorted(set(state_a) ^ set(state_b))
+        raise ValueError(f"state_a and state_b have different keys: {diff[:5]}")
+    for key, value in state_a.items():
+        if state_b[key].shape != value.shape:
+            raise ValueError(
+                f"{key!r} has shape {tuple(value.shape)} in state_a "
+                f"but {tuple(state_b[key].shape)} in state_b"
+            )
+
+
+def _prepare_terms(
+    spec: PermutationSpec,
+    a64: Mapping[str, Tensor],
+    b64: Mapping[str, Tensor],
+    sizes: Mapping[str, int],
+) -> dict[str, list[_Term]]:
+    terms: dict[str, list[_Term]] = {group: [] for group in sizes}
+    for key in a64:
+        axes = spec[key]
+        for axis, group in enumerate(axes):
+            if group is None:
+                continue
+            n = sizes[group]
+            a_flat = a64[key].movedim(axis, 0).reshape(n, -1).contiguous()  # (n, m)
+            b_moved = b64[key].movedim(axis, 0).contiguous()  # (n, *rest)
+            # After movedim, original axis j < axis sits at j + 1, and j > axis stays at j.
+            others = tuple(
+                (j + 1 if j < axis else j, other)
+                for j, other in enumerate(axes)
+                if other is not None and j != axis
+            )
+            terms[group].append(_Term(key, a_flat, b_moved, others))
+    return terms
+
+
+def _objective(
+    spec: PermutationSpec, a64: Mapping[str, Tensor], b64: Mapping[str, Tensor], perms
+) -> float:
+    permuted = apply_permutation(b64, {k: spec[k] for k in b64}, perms)
+    return float(sum(torch.vdot(a64[k].reshape(-1), permuted[k].reshape(-1)) for k in a64))
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    keys: Iterable[str] | None = None,
+) -> AlignmentResult:
+    """Permute ``state_b`` onto ``state_a`` by weight matching (Ainsworth et al. 2022, Alg. 1).
+
+    Starts from identity permutations. Each sweep visits the groups (sorted by name) in the
+    order ``torch.randperm(num_groups, generator=torch.Generator().manual_seed(seed))`` (one
+    generator for the whole run, one draw per sweep). For group ``P`` the ``n x n`` cost
+    ``C = sum_w A_w @ B_w.T`` runs over every matched tensor with an axis in ``P``: ``A_w`` is
+    A's tensor with P's axis first, flattened; ``B_w`` is B's with every *other* axis's current
+    permutation applied, P's axis first, flattened. ``linear_sum_assignment(C, maximize=True)``
+    gives P's new permutation, kept when it improves on the current one. Stops after a sweep
+    with no gain, or after ``max_iter`` sweeps.
+
+    Args:
+        spec: permutation spec covering every key of the state dicts (``model.permutation_spec()``).
+        state_a, state_b: state dicts with the same keys and shapes.
+        max_iter: at most this many sweeps.
+        seed: seeds the order in which groups are visited.
+        device: where the cost matrices are computed (default: the device of ``state_a``).
+        keys: the tensors that are matched; default :func:`matching_keys` (parameters, not BN
+            running statistics). Every key of ``state_b`` is permuted either way.
+
+    Returns:
+        :class:`AlignmentResult`; ``perms`` and ``state`` live on ``state_b``'s device.
+    """
+    start = time.perf_counter()
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    _check_pair(spec, state_a, state_b)
+    sizes = group_sizes(spec, state_a)
+    keys = matching_keys(state_a) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in state_a]
+    if unknown:
+        raise ValueError(f"keys to match are not in the state dicts: {unknown[:5]}")
+    if device is None:
+        device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
+    device = torch.device(device)
+
+    # float64 copies of the matched tensors: cost sums over up to millions of products.
+    a64 = {k: state_a[k].detach().to(device=device, dtype=torch.float64) for k in keys}
+    b64 = {k: state_b[k].detach().to(device=device, dtype=torch.float64) for k in keys}
+    terms = _prepare_terms(spec, a64, b64, sizes)
+    groups = sorted(g for g in sizes if terms[g])
+    perms = {g: torch.arange(sizes[g], device=device) for g in sorted(sizes)}
+
+    generator = torch.Generator().manual_seed(seed)
+    objective = [_objective(spec, a64, b64, perms)]
+    logger.info("weight matching: %d groups, identity objective %.6g", len(groups), objective[0])
+    lsa_seconds, lsa_calls, sweeps, converged = 0.0, 0, 0, False
+    for sweep in range(max_iter):
+        improved = False
+        for index in torch.randperm(len(groups), generator=generator).tolist():
+            group = groups[index]
+            n = sizes[group]
+            cost = torch.zeros(n, n, dtype=torch.float64, device=device)  # (n, n)
+            for term in terms[group]:
+                b = term.b_moved  # (n, *rest)
+                for axis, other in term.others:
+                    b = b.index_select(axis, perms[other])
+                cost += term.a_flat @ b.reshape(n, -1).T  # (n, m) @ (m, n) -> (n, n)
+            c = cost.cpu().numpy()
+            tic = time.perf_counter()
+            _, cols = linear_sum_assignment(c, maximize=True)
+            lsa_seconds += time.perf_counter() - tic
+            lsa_calls += 1
+            current = perms[group].cpu().numpy()
+            old = float(c[np.arange(n), current].sum())
+            new = float(c[np.arange(n), cols].sum())
+            if new > old + _REL_TOL * max(1.0, abs(old)):
+                perms[group] = torch.as_tensor(cols, dtype=torch.long, device=device)
+                improved = True
+        sweeps = sweep + 1
+        objective.append(_objective(spec, a64, b64, perms))
+        logger.info(
+            "weight matching sweep %d: objective %.6g (gain %.3g)",
+            sweeps,
+            objective[-1],
+            objective[-1] - objective[-2],
+        )
+        if not improved:
+            converged = True
+            break
+    if not converged:
+        logger.warning(
+            "weight matching stopped after max_iter=%d sweeps without converging", sweeps
+        )
+
+    out_device = next(iter(state_b.values())).device if state_b else torch.device("cpu")
+    perms = {g: p.to(out_device) for g, p in perms.items()}
+    state = apply_permutation(state_b, spec, perms)
+    return AlignmentResult(
+        perms=perms,
+        state=state,
+        objective=objective,
+        sweeps=sweeps,
+        seconds=time.perf_counter() - start,
+        lsa_seconds=lsa_seconds,
+        lsa_calls=lsa_calls,
+        converged=converged,
+    )
+
+
+@torch.no_grad()
+def align_models(
+    model: nn.Module,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    probe_inputs: Tensor,
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    atol: float = 1e-4,
+) -> AlignmentResult:
+    """Weight-match ``state_b`` onto ``state_a`` with ``model.permutation_spec()``, then check it.
+
+    The check runs ``model`` in eval mode with B and with the permuted B on ``probe_inputs``:
+    a permutation must not change the function, so the largest output difference, relative to
+    ``max(1, max |output|)``, must stay below ``atol``; a ``RuntimeError`` quoting it is raised
+    otherwise (the sign of a wrong permutation spec). Only parameters are matched; every key,
+    BatchNorm running statistics included, is permuted. The module is left as it was.
+    """
+    spec = model.permutation_spec()
+    params = [name for name, _ in model.named_parameters()]
+    result = weight_matching(
+        spec,
+        state_a,
+        state_b,
+        max_iter=max_iter,
+        seed=seed,
+        keys=[k for k in params if k in state_a],
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(iter(state_b.values())).device
+        x = probe_inputs.to(device)
+        before = functional_call(model, dict(state_b), (x,))
+        after = functional_call(model, result.state, (x,))
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(before.abs().max()))
+    diff = float((after - before).abs().max()) / scale
+    if not diff <= atol:
+        raise RuntimeError(
+            f"permuted B computes a different function: max |f(pi(B)) - f(B)| / {scale:.3g} = "
+            f"{diff:.3g} > atol={atol:g} on {len(x)} probe inputs; the model's permutation_spec() "
+            "is probably wrong (a group applied to a layer's output but not to its consumers)"
+        )
+    logger.info("alignment verified on %d probe inputs: relative max diff %.3g", len(x), diff)
+    return result

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``modeconn`` CLI, one module each (see :mod:`modeconn.cli`)."""

@@ -1,0 +1,73 @@
+"""``modeconn train``: train one endpoint and save it as a self-describing safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from modeconn.checkpoint import save_checkpoint
+from modeconn.commands._common import add_data, add_device, parse_kv, resolve_device
+from modeconn.data import load_data
+from modeconn.train import TrainConfig, train_model
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train an endpoint network", description=__doc__)
+    p.add_argument("--model", default="mlp", help="registered model name (default: mlp)")
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model keyword argument, repeatable (e.g. --arg width=16 --arg depth=2)",
+    )
+    add_data(p)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    defaults = TrainConfig()
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument(
+        "--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)"
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--wd", type=float, default=defaults.weight_decay, help="weight decay")
+    add_device(p)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models import create_model
+
+    device = resolve_device(args.device)
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
+    data = load_data(args.data)
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.wd,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, data.input_shape, data.num_classes, **parse_kv(args.arg))
+    start = time.perf_counter()
+    metrics = train_model(model, data, config, device=device, progress=args.progress)
+    seconds = time.perf_counter() - start
+    save_checkpoint(
+        args.out,
+        model.cpu(),
+        data=data.name,
+        data_fingerprint=data.fingerprint(),
+        seed=args.seed,
+        train=config.__dict__,
+        metrics=metrics,
+        seconds=round(seconds, 2),
+    )
+    print(
+        f"{args.out}: {args.model} seed {args.seed}, {args.epochs} epochs in {seconds:.1f}s: "
+        f"train acc {metrics['train_acc']:.4f} loss {metrics['train_loss']:.4f}, "
+        f"test acc {metrics['test_acc']:.4f} loss {metrics['test_loss']:.4f}"
+    )
+    return 0

@@ -1,0 +1,161 @@
+"""From two endpoint files to a path artifact: align, fit, recompute BN, evaluate, save.
+
+The glue that ``modeconn connect``, ``modeconn compare`` and the demo share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path as FsPath
+
+import torch
+
+from modeconn.artifact import (
+    DataInfo,
+    Manifest,
+    ModelInfo,
+    PathArtifact,
+    compute_served_buffers,
+    default_served_ts,
+    save_artifact,
+)
+from modeconn.checkpoint import Checkpoint
+from modeconn.connect import METHODS, connect, make_config
+from modeconn.data import Dataset
+from modeconn.evaluate import evaluate_path
+
+__all__ = ["align_endpoints", "fit_artifact"]
+
+log = logging.getLogger("modeconn")
+
+
+def align_endpoints(
+    a: Checkpoint, b: Checkpoint, data: Dataset, *, seed: int = 0, max_iter: int = 100
+) -> tuple[dict, dict]:
+    """Permute B onto A by weight matching; returns ``(B's permuted state, alignment record)``."""
+    from modeconn.align import align_models
+
+    model = a.build_model()
+    probe = data.x_train[:128]
+    result = align_models(model, a.state, b.state, probe, max_iter=max_iter, seed=seed)
+    record = {
+        "method": "weight_matching",
+        "seed": seed,
+        "sweeps": result.sweeps,
+        "objective_start": result.objective[0],
+        "objective_end": result.objective[-1],
+        "seconds": round(result.seconds, 4),
+    }
+    log.info(
+        "aligned B onto A: %d sweeps, objective %.4g -> %.4g (%.3fs)",
+        result.sweeps,
+        result.objective[0],
+        result.objective[-1],
+        result.seconds,
+    )
+    return result.state, record
+
+
+def fit_artifact(
+    a: Checkpoint,
+    b: Checkpoint,
+    data: Dataset,
+    method: str,
+    *,
+    out: str | os.PathLike | None = None,
+    align: bool = False,
+    params: dict | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    resume: bool = False,
+    eval_points: int = 61,
+    served_ts: list[float] | None = None,
+) -> tuple[PathArtifact, dict | None]:
+    """Fit ``method`` between endpoints ``a`` and ``b`` and (if ``out``) save the artifact.
+
+    Returns the artifact and the path evaluation (``None`` when ``eval_points`` is 0).
+    """
+    params = dict(params or {})
+    config = make_config(method, **params)  # fail on bad options before any work
+    model = a.build_model()
+    state_b, alignment = b.state, None
+    if align:
+        state_b, alignment = align_endpoints(a, b, data, seed=config.seed)
+    checkpoint = None
+    if out is not None and method != "linear":
+        out = FsPath(out)
+        checkpoint = out.with_name(f".{out.name}.fit-state.safetensors")
+        if not resume and checkpoint.exists():
+            checkpoint.unlink()
+    stats: dict = {}
+    start = time.perf_counter()
+    path = connect(
+        model,
+        a.state,
+        state_b,
+        method,
+        data=data,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+        resume=resume,
+        stats=stats,
+        **config.model_dump(),
+    )
+    seconds = time.perf_counter() - start
+    path.to("cpu")
+    model.cpu()
+    ts = served_ts if served_ts is not None else default_served_ts()
+    if path.kind == "points":
+        ts = [float(k) for k in path.knots()]
+    buffers = compute_served_buffers(model, path, data.x_train, ts, device=device)
+    model.cpu()
+    evaluation = None
+    metrics: dict = {}
+    if eval_points:
+        evaluation = evaluate_path(
+            model, path, data, points=eval_points, device=device, progress=progress
+        )
+        model.cpu()
+        metrics = evaluation.to_json()
+    manifest = Manifest(
+        kind="points" if path.kind == "points" else "path",
+        method=method,
+        basis=path.kind,
+        num_nodes=path.num_nodes,
+        knots=[float(k) for k in path.knots()],
+        model=ModelInfo(**a.model.to_json()),
+        data=DataInfo(**{k: v for k, v in data.describe().items()}),
+        alignment=alignment,
+        endpoints={
+            "a": {
+                "file": a.path_name,
+                "metrics": a.meta.get("metrics", {}),
+                "seed": a.meta.get("seed"),
+            },
+            "b": {
+                "file": b.path_name,
+                "metrics": b.meta.get("metrics", {}),
+                "seed": b.meta.get("seed"),
+            },
+        },
+        served_ts=ts,
+        metrics=metrics,
+        fit={
+            "name": FsPath(out).name if out is not None else method,
+            "method": method,
+            "config": config.model_dump(),
+            "seconds": round(seconds, 3),
+            "summary": METHODS[method].summary,
+            "stats": stats,
+        },
+        seed=config.seed,
+    )
+    artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers)
+    if out is not None:
+        save_artifact(out, artifact)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+    return artifact, metrics or None
