@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ class AlignmentResult:
     ``perms[g]`` is a LongTensor ``p`` with ``aligned = B[p]`` along every axis of group ``g``;
     ``state`` is the full permuted state dict of B (BatchNorm running statistics included);
     ``objective`` holds ``sum_k <A_k, pi(B)_k>`` for the identity and after each sweep.
-    ``lsa_seconds``/``lsa_calls`` time the linear assignment solves (for benchmarks).
+    ``lsa_seconds``/``lsa_calls`` time the linear assignment solves (for benchmarks);
+    ``converged`` is False when ``max_iter`` sweeps ran out before a sweep without gain.
     """
 
     perms: dict[str, Tensor]
@@ -58,7 +59,7 @@ class AlignmentResult:
     seconds: float
     lsa_seconds: float = 0.0
     lsa_calls: int = 0
-    converged: bool = field(default=True)
+    converged: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _check_pair(
     spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]
 ):
     check_spec(spec, state_a)
-    if list(state_a) != list(state_b) and set(state_a) != set(state_b):
+    if set(state_a) != set(state_b):
         diff = sorted(set(state_a) ^ set(state_b))
         raise ValueError(f"state_a and state_b have different keys: {diff[:5]}")
     for key, value in state_a.items():

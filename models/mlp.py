@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -13,7 +14,7 @@ from models.spec import PermutationSpec
 __all__ = ["MLP", "mlp"]
 
 # Elementwise activations only: they commute with a permutation of the hidden units.
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": lambda x: x.tanh(), "silu": F.silu}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
 
 class MLP(nn.Module):
