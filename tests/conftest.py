@@ -19,10 +19,9 @@ def digits():
 
 
 def _train_pair(tmp_path_factory, digits, name: str, kwargs: dict, epochs: int) -> tuple[str, str]:
-    from models import create_model
-
     from modeconn.checkpoint import save_checkpoint
     from modeconn.train import TrainConfig, train_model
+    from models import create_model
 
     folder = tmp_path_factory.mktemp(f"{name}_pair")
     files = []
@@ -45,4 +44,6 @@ def mlp_pair(tmp_path_factory, digits) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def bn_pair(tmp_path_factory, digits) -> tuple[str, str]:
     """Two small digits CNNs with BatchNorm (channels 8, 16) from seeds 0 and 1."""
-    return _train_pair(tmp_path_factory, digits, "cnn", {"channels": [8, 16], "norm": "bn"}, epochs=15)
+    return _train_pair(
+        tmp_path_factory, digits, "cnn", {"channels": [8, 16], "norm": "bn"}, epochs=15
+    )

@@ -22,7 +22,9 @@ def ring(w):
 
 
 def test_connect_linear_on_the_ring_passes_through_the_origin():
-    path = modeconn.connect(ring, torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0]), method="linear")
+    path = modeconn.connect(
+        ring, torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0]), method="linear"
+    )
     mid = path.at(0.5)
     assert isinstance(mid, torch.Tensor) and mid.shape == (2,)
     assert torch.equal(mid, torch.zeros(2))
@@ -59,7 +61,13 @@ def test_polychain_interpolates_between_given_knots():
     coeffs = polychain_coefficients(torch.tensor([0.0, 0.1, 0.2, 0.6, 1.0]), torch.tensor(knots))
     want = [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]]
     assert torch.allclose(coeffs, torch.tensor(want, dtype=torch.float64))
-    path = PolyChain(stack_nodes([{"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]), knots=knots, is_vector=True)
+    path = PolyChain(
+        stack_nodes(
+            [{"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+        ),
+        knots=knots,
+        is_vector=True,
+    )
     assert float(path.at(0.6)) == pytest.approx(2.0)
 
 
@@ -74,7 +82,9 @@ def test_bad_knots_and_t_are_refused():
 
 
 def test_point_set_is_defined_only_at_its_members():
-    points = PointSet(stack_nodes([{"w": torch.tensor([float(i)])} for i in range(3)]), is_vector=True)
+    points = PointSet(
+        stack_nodes([{"w": torch.tensor([float(i)])} for i in range(3)]), is_vector=True
+    )
     assert float(points.at(0.5)) == 1.0
     with pytest.raises(ValueError, match="only at its members"):
         points.at(0.25)
