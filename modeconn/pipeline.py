@@ -72,6 +72,7 @@ def fit_artifact(
     resume: bool = False,
     eval_points: int = 61,
     served_ts: list[float] | None = None,
+    cache_key: str | None = None,
 ) -> tuple[PathArtifact, dict | None]:
     """Fit ``method`` between endpoints ``a`` and ``b`` and (if ``out``) save the artifact.
 
@@ -150,6 +151,7 @@ def fit_artifact(
             "seconds": round(seconds, 3),
             "summary": METHODS[method].summary,
             "stats": stats,
+            "cache_key": cache_key,
         },
         seed=config.seed,
     )

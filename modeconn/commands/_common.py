@@ -106,3 +106,12 @@ def write_json(path: str | Path, obj) -> None:
 
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def console():
+    """A rich console for tables on stdout: terminal width on a terminal, 160 columns otherwise."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
 from rich.table import Table
 
 from modeconn.commands._common import (
     add_data,
     add_device,
     check_data_fits,
+    console,
     resolve_device,
     write_json,
 )
@@ -45,7 +45,7 @@ def print_table(ev: dict, every: int | None = None) -> None:
             f"{ev['test_loss'][i]:.4f}",
             f"{ev['test_acc'][i]:.4f}",
         )
-    Console().print(table)
+    console().print(table)
 
 
 def print_summary(ev: dict) -> None:

@@ -1,0 +1,130 @@
+"""``modeconn compare A B``: every connection method on the same endpoints, in one table and one plot."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.table import Table
+
+from modeconn.commands._common import (
+    add_data,
+    add_device,
+    console,
+    data_for,
+    load_pair,
+    resolve_device,
+    write_json,
+)
+
+
+def register(sub) -> None:
+    from modeconn.compare import DEFAULT_METHODS
+
+    p = sub.add_parser(
+        "compare", help="compare connection methods side by side", description=__doc__
+    )
+    p.add_argument("a", help="endpoint A (.safetensors)")
+    p.add_argument("b", help="endpoint B")
+    add_data(p, default=None)
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", default="runs/compare", help="folder for the artifacts (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-align", action="store_true", help="connect A to B as it is (no weight matching)"
+    )
+    p.add_argument(
+        "--no-reuse", action="store_true", help="refit even when a matching artifact exists"
+    )
+    p.add_argument(
+        "--config", metavar="F.yaml", help="per-method options: {method: {option: value}}"
+    )
+    p.add_argument(
+        "--k", type=int, default=4, help="ensemble size for the accuracy/NLL columns (0: skip)"
+    )
+    p.add_argument("--points", type=int, default=61, help="t values per path (default: 61)")
+    p.add_argument("--json", metavar="F", help="write the table as JSON")
+    p.add_argument("--plot", metavar="F.png", help="train and test loss along t for every method")
+    add_device(p)
+    p.set_defaults(func=run)
+
+
+def print_comparison(rows) -> None:
+    table = Table(title="connection methods, same endpoints", show_edge=False)
+    for col in (
+        "path",
+        "loss barrier",
+        "err barrier",
+        "worst test err",
+        "len (w)",
+        "len (pred)",
+        "time",
+    ):
+        table.add_column(col, justify="right")
+    has_ensemble = any(r.ensemble_acc is not None for r in rows)
+    if has_ensemble:
+        table.add_column(f"ens K={rows[0].ensemble_k} acc", justify="right")
+        table.add_column("ens NLL", justify="right")
+    for r in rows:
+        cells = [
+            r.label,
+            f"{r.loss_barrier:.4f}",
+            f"{100 * r.error_barrier:.2f}",
+            f"{100 * r.worst_test_error:.2f}%",
+            f"{r.weight_length:.2f}",
+            f"{r.prediction_length:.3f}",
+            f"{r.seconds:.1f}s" + (" (cached)" if r.reused else ""),
+        ]
+        if has_ensemble:
+            cells += [
+                f"{100 * r.ensemble_acc:.2f}%" if r.ensemble_acc is not None else "-",
+                f"{r.ensemble_nll:.4f}" if r.ensemble_nll is not None else "-",
+            ]
+        table.add_row(*cells)
+    console().print(table)
+    print(
+        "loss barrier: max train loss along t minus the endpoints' mean; err barrier: test error, in points"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from modeconn.compare import compare
+    from modeconn.plots import plot_paths
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params = {}
+    if args.config:
+        with open(args.config) as handle:
+            params = yaml.safe_load(handle) or {}
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"{args.config} must map method names to option mappings")
+    a, b = load_pair(args.a, args.b)
+    data = data_for(args.data, a)
+    rows, evaluations = compare(
+        a,
+        b,
+        data,
+        methods,
+        out_dir=args.out,
+        align=not args.no_align,
+        params=params,
+        ensemble_k=args.k,
+        device=resolve_device(args.device),
+        progress=args.progress,
+        reuse=not args.no_reuse,
+        eval_points=args.points,
+    )
+    print_comparison(rows)
+    if args.json:
+        write_json(args.json, [r.to_json() for r in rows])
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_paths(evaluations, args.plot, title=f"methods between {args.a} and {args.b}")
+        print(f"wrote {args.plot}")
+    return 0
