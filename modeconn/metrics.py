@@ -17,6 +17,11 @@ __all__ = [
     "jsd_from_logits",
     "accuracy",
     "nll",
+    "brier",
+    "ece",
+    "reliability",
+    "classification_metrics",
+    "disagreement",
     "barriers",
 ]
 
@@ -60,3 +65,68 @@ def barriers(values: list[float] | Tensor) -> dict[str, float]:
         "peak": peak,
         "t_peak_index": int(v.argmax()),
     }
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Mean over inputs of ``sum_c (p_c - onehot_c)^2`` (the multi-class Brier score, in [0, 2])."""
+    onehot = F.one_hot(labels, probs.shape[-1]).to(probs.dtype)  # (N, C)
+    return float((probs - onehot).pow(2).sum(-1).mean())
+
+
+def reliability(probs: Tensor, labels: Tensor, bins: int = 15) -> dict[str, list[float]]:
+    """Per-bin confidence, accuracy and count over ``bins`` equal-width confidence bins in (0, 1]."""
+    confidence, predicted = probs.max(-1)  # (N,), (N,)
+    correct = (predicted == labels).to(torch.float64)
+    confidence = confidence.to(torch.float64)
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins bin 0.
+    index = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)  # (N,)
+    count = torch.bincount(index, minlength=bins).to(torch.float64)  # (bins,)
+    conf_sum = torch.bincount(index, weights=confidence, minlength=bins)
+    acc_sum = torch.bincount(index, weights=correct, minlength=bins)
+    safe = count.clamp_min(1)
+    return {
+        "confidence": (conf_sum / safe).tolist(),
+        "accuracy": (acc_sum / safe).tolist(),
+        "count": count.tolist(),
+    }
+
+
+def ece(probs: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """Expected calibration error: ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over 15 bins."""
+    table = reliability(probs, labels, bins)
+    n = sum(table["count"])
+    return float(
+        sum(
+            c / n * abs(a - p)
+            for c, a, p in zip(table["count"], table["accuracy"], table["confidence"])
+            if c > 0
+        )
+    )
+
+
+def classification_metrics(
+    probs: Tensor, labels: Tensor, member_probs: Tensor | None = None
+) -> dict[str, float]:
+    """Accuracy, NLL, Brier, ECE (15 bins) of ``probs`` (N, C), and with ``member_probs``
+    (K, N, C) the members' disagreement: the mean over inputs of the fraction of member pairs
+    whose predicted labels differ."""
+    log_probs = probs.clamp_min(1e-12).log()
+    out = {
+        "accuracy": accuracy(log_probs, labels),
+        "nll": nll(log_probs, labels),
+        "brier": brier(probs, labels),
+        "ece": ece(probs, labels),
+    }
+    if member_probs is not None:
+        out["disagreement"] = disagreement(member_probs)
+    return out
+
+
+def disagreement(member_probs: Tensor) -> float:
+    """Mean over inputs of the fraction of member pairs that predict different labels (0 for K=1)."""
+    k = member_probs.shape[0]
+    if k < 2:
+        return 0.0
+    labels = member_probs.argmax(-1)  # (K, N)
+    differ = (labels.unsqueeze(0) != labels.unsqueeze(1)).to(torch.float64)  # (K, K, N)
+    return float(differ.sum(dim=(0, 1)).mean() / (k * (k - 1)))
