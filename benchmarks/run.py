@@ -1,0 +1,204 @@
+"""Run every benchmark in ``benchmarks/`` and write ``benchmarks/RESULTS.md``.
+
+Each ``bench_*.py`` module exposes ``run(quick: bool = False, device: str = "cpu") -> dict``.
+Targets (the product's speed promises) are declared here, once, as paths into those dicts, so a
+result that misses its target is reported as missed next to the number.
+
+    python -m benchmarks.run [--quick] [--device cuda] [--only NAME ...] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(HERE.parent))
+
+#: (benchmark, key path into its result, comparison, target, what it means)
+TARGETS: list[tuple[str, str, str, float, str]] = []
+
+
+def _machine(device: str) -> dict:
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    for name in ("onnxruntime", "onnx", "bentoml", "scipy"):
+        with contextlib.suppress(ImportError):
+            info[name] = importlib.import_module(name).__version__
+    return info
+
+
+def _lookup(result: dict, key_path: str):
+    value = result
+    for part in key_path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple) and len(value) > 8:
+        return f"[{len(value)} values]"
+    return str(value)
+
+
+def _render(value, depth: int = 0) -> list[str]:
+    """A result dict as markdown: a table for a dict of flat dicts, bullets otherwise."""
+    lines: list[str] = []
+    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+        flat = all(not isinstance(x, dict) for v in value.values() for x in v.values())
+        if flat:
+            cols = list(dict.fromkeys(k for v in value.values() for k in v))
+            lines.append("| case | " + " | ".join(cols) + " |")
+            lines.append("|---" * (len(cols) + 1) + "|")
+            for case, row in value.items():
+                lines.append(f"| {case} | " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+            return lines + [""]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict):
+                lines.append(f"{'  ' * depth}- **{key}**")
+                lines += _render(item, depth + 1)
+            else:
+                lines.append(f"{'  ' * depth}- {key}: {_fmt(item)}")
+        return lines
+    return [f"{'  ' * depth}- {_fmt(value)}"]
+
+
+def _check(op: str, value: float, target: float) -> bool:
+    return value <= target if op == "<=" else value >= target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run that checks the suite works"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", help="benchmark names (e.g. align ensemble)")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave RESULTS.md alone"
+    )
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args(argv)
+
+    names = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
+        names = [n for n in names if n in args.only]
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        print(f"== {name}", flush=True)
+        begin = time.perf_counter()
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            results[name] = module.run(quick=args.quick, device=args.device)
+        except Exception:  # a broken benchmark is reported, the others still run
+            failures[name] = traceback.format_exc()
+            print(failures[name], file=sys.stderr)
+        seconds[name] = time.perf_counter() - begin
+        if name in results:
+            print(json.dumps(results[name], indent=1, default=str)[:3000])
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python -m benchmarks.run{' --quick' if args.quick else ''}"
+        f"{' --device ' + args.device if args.device != 'cpu' else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Timings are medians over repeated runs after warm-up; "
+        "every ratio is measured side by side in the same run.",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in _machine(args.device).items()]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| benchmark | ratio | value | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    missed = 0
+    for bench, key, op, target, meaning in TARGETS:
+        if bench not in names:
+            continue
+        value = _lookup(results.get(bench, {}), key)
+        if value is None:
+            lines.append(f"| {bench} | {meaning} | not measured | {op} {target} | — |")
+            continue
+        ok = _check(op, float(value), target)
+        missed += not ok
+        lines.append(
+            f"| {bench} | {meaning} | {float(value):.3g} | {op} {target} | {'yes' if ok else '**missed**'} |"
+        )
+    for name in names:
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"`python -m benchmarks.bench_{name}` ({seconds[name]:.0f} s)",
+            "",
+        ]
+        if name in failures:
+            lines += ["Failed:", "", "```", failures[name].strip(), "```"]
+            continue
+        result = results[name]
+        notes = result.get("notes") if isinstance(result, dict) else None
+        body = (
+            {k: v for k, v in result.items() if k != "notes"}
+            if isinstance(result, dict)
+            else result
+        )
+        lines += _render(body)
+        if notes:
+            lines += ["", "Notes:", ""] + [
+                f"- {n}" for n in (notes if isinstance(notes, list) else [notes])
+            ]
+    text = "\n".join(lines) + "\n"
+    if not args.no_write:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    print(f"benchmarks: {len(names) - len(failures)} ran, {len(failures)} broke")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
