@@ -34,7 +34,8 @@ demo: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/python -m modeconn.demo --out $(ARTIFACTS) --if-missing --quiet
-	@echo "Docs: http://127.0.0.1:3000/docs   (OpenAPI: /docs.json)"
+	$(BIN)/python -m modeconn --quiet serve-build $(ARTIFACTS)
+	@echo "Docs: http://127.0.0.1:3000/   (OpenAPI: /docs.json; served paths: curl http://127.0.0.1:3000/paths)"
 	MODECONN_ARTIFACTS=$(abspath $(ARTIFACTS)) BENTOML_DO_NOT_TRACK=True \
 		$(BIN)/bentoml serve service.service:ModeConnService --host 127.0.0.1 --port 3000
 

@@ -78,22 +78,56 @@ def _fit_linear(
 
 
 def _build_methods() -> dict[str, Method]:
+    from modeconn.curves import CurveConfig, fit_bezier, fit_polychain
+
     table = [Method("linear", LinearConfig, _fit_linear, "straight line (the baseline)")]
+    table.append(Method("bezier", CurveConfig, fit_bezier, "Bezier curve (Garipov et al. 2018)"))
+    table.append(
+        Method("polychain", CurveConfig, fit_polychain, "polygonal chain (Garipov et al. 2018)")
+    )
+    from modeconn.geodesic import GeodesicConfig, fit_geodesic
+
+    table.append(
+        Method("geodesic", GeodesicConfig, fit_geodesic, "JSD geodesic chain (Tan et al. 2023)")
+    )
+    from modeconn.neb import AutoNEBConfig, NEBConfig, fit_autoneb, fit_neb
+
+    table.append(Method("neb", NEBConfig, fit_neb, "nudged elastic band (Draxler et al. 2018)"))
+    table.append(
+        Method("autoneb", AutoNEBConfig, fit_autoneb, "AutoNEB cycles (Draxler et al. 2018)")
+    )
     return {m.name: m for m in table}
 
 
-METHODS: dict[str, Method] = _build_methods()
+METHODS: dict[str, Method]  # provided by __getattr__ below: name -> Method
+_METHODS: dict[str, Method] | None = None
+
+
+def _methods() -> dict[str, Method]:
+    """The table, built on first use: the fitter modules import this module, so building it
+    while this module is being imported would be circular (``import modeconn.curves`` first)."""
+    global _METHODS
+    if _METHODS is None:
+        _METHODS = _build_methods()
+    return _METHODS
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # ``from modeconn.connect import METHODS`` builds the table (PEP 562)
+        return _methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_names() -> list[str]:
-    return list(METHODS)
+    return list(_methods())
 
 
 def make_config(method: str, **params) -> MethodConfig:
     """Validate ``params`` into ``method``'s config, with an error that names the bad option."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    cls = METHODS[method].config
+    methods = _methods()
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
+    cls = methods[method].config
     try:
         return cls(**params)
     except ValidationError as err:
@@ -133,7 +167,13 @@ def connect(
     ``params`` are the method's options (see ``METHODS[method].config``); ``stats``, if given,
     receives what the fitter measured.
     """
+    if (
+        batch_size is not None
+        and "batch_size" in getattr(_methods().get(method), "config", LinearConfig).model_fields
+    ):
+        params["batch_size"] = batch_size  # the method's option and the objective's must agree
     config = make_config(method, **params)
+    batch_size = getattr(config, "batch_size", batch_size)  # a method's own batch size wins
     ctx = FitContext(
         progress=progress,
         checkpoint=FsPath(checkpoint) if checkpoint is not None else None,
@@ -165,7 +205,7 @@ def connect(
             f"connect needs an nn.Module or a callable energy(w) -> scalar, got {type(model_or_energy)}"
         )
     with objective.session():
-        path = METHODS[method].fit(objective, a, b, config, ctx)
+        path = _methods()[method].fit(objective, a, b, config, ctx)
     path.is_vector = objective.is_vector
     return path
 

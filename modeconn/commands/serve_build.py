@@ -1,0 +1,114 @@
+"""``modeconn serve-build DIR...``: build the ONNX graphs the HTTP service serves for artifacts.
+
+    modeconn serve-build artifacts/paths/bezier                  # one artifact
+    modeconn serve-build artifacts                               # every artifact below a folder
+    modeconn serve-build DIR --k 2,4,8 --ts 0,0.5,1              # choose ensembles and merges
+
+Writes ``DIR/serving/`` (one graph per K-member ensemble, one per merged model at t, and
+``index.json``); ``bentoml serve service.service:ModeConnService`` loads every artifact that has
+one. BatchNorm models get graphs only at the t values whose statistics the artifact stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def register(sub) -> None:
+    from modeconn.serving import DEFAULT_KS, DEFAULT_MAX_ENSEMBLE_MB, DEFAULT_TS
+
+    p = sub.add_parser(
+        "serve-build",
+        help="build the ONNX graphs the HTTP service serves",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="artifact directories, or folders of them"
+    )
+    p.add_argument(
+        "--k",
+        type=_ints,
+        default=None,
+        metavar="K,K",
+        help=f"ensemble sizes (default: {','.join(map(str, DEFAULT_KS))}, or what an existing "
+        "bundle holds; '' for none)",
+    )
+    p.add_argument(
+        "--ts",
+        type=_floats,
+        default=None,
+        metavar="T,T",
+        help=f"t values of merged models (default: {','.join(map(str, DEFAULT_TS))}, or what an "
+        "existing bundle holds; '' for none)",
+    )
+    p.add_argument(
+        "--max-ensemble-mb",
+        type=float,
+        default=DEFAULT_MAX_ENSEMBLE_MB,
+        help="skip ensembles whose weights exceed this size (default: %(default)s)",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild bundles that are up to date")
+    p.add_argument(
+        "--to-store",
+        action="store_true",
+        help="also save each artifact's bundle to the BentoML model store (serve with "
+        "MODECONN_MODELS=TAG,...)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from modeconn.serving import build_serving, find_artifacts, save_to_store
+
+    targets: list[Path] = []
+    for name in args.dirs:
+        found = find_artifacts(name)
+        if not found:
+            raise ValueError(f"{name} holds no artifact (no manifest.json at or below it)")
+        targets.extend(d for d in found if d not in targets)
+    failed = []
+    for directory in targets:
+        try:
+            index = build_serving(
+                directory,
+                ks=args.k,
+                ts=args.ts,
+                max_ensemble_mb=args.max_ensemble_mb,
+                force=args.force,
+            )
+        except (ValueError, RuntimeError, FileNotFoundError) as err:
+            if len(targets) == 1:
+                raise
+            print(f"{directory}: not built: {err}", file=sys.stderr)
+            failed.append(directory)
+            continue
+        ens = ", ".join(str(k) for k in sorted(index.ensembles)) or "none"
+        merged = ", ".join(f"{t:g}" for t in sorted(index.merged)) or "none"
+        print(f"{directory}: ensembles K = {ens}; merged t = {merged}")
+        for entry in index.skipped:
+            what = f"k={entry['k']}" if "k" in entry else f"t={entry['t']:g}"
+            print(f"  skipped {entry['mode']} {what}: {entry['reason']}")
+        if args.to_store:
+            print(f"  saved to the BentoML model store as {save_to_store(directory)}")
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(targets)} artifacts could not be built")
+    return 0

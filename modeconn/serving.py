@@ -1,0 +1,408 @@
+"""Serving bundles: the ONNX graphs an HTTP service loads for one path artifact, built offline.
+
+A bundle lives inside the artifact it serves::
+
+    <artifact>/serving/index.json          what was built (ServingIndex)
+    <artifact>/serving/ensemble_k4.onnx    one graph per K-member ensemble (members evenly in t)
+    <artifact>/serving/merged_t0.5000.onnx one graph per merged model at a served t
+
+Every graph comes from :mod:`modeconn.export` (one graph per ensemble, mean softmax and
+per-input uncertainty out; Garipov et al. 2018, arXiv 1802.10026), so the service itself needs
+only onnxruntime. BatchNorm models get graphs only where the artifact stores BN statistics
+(its served t values); a point set (FGE) only at its members. The bundle is written to a
+temporary directory and renamed, so a crash never leaves half of one.
+
+Building needs torch (:func:`build_serving`); reading does not (:func:`read_index`,
+:func:`find_served`): this module imports torch only inside :func:`build_serving`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "SERVING_DIR",
+    "INDEX_FILE",
+    "DEFAULT_KS",
+    "DEFAULT_TS",
+    "ServedGraph",
+    "ServingIndex",
+    "build_serving",
+    "read_index",
+    "find_artifacts",
+    "find_served",
+    "ensemble_file",
+    "merged_file",
+    "save_to_store",
+    "store_path",
+]
+
+log = logging.getLogger("modeconn")
+
+SERVING_DIR = "serving"
+INDEX_FILE = "index.json"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "modeconn.serving/1"
+#: Ensemble sizes built by default (sizes above the member count of a point set are skipped).
+DEFAULT_KS: tuple[int, ...] = (2, 3, 4, 5, 8)
+#: t values of the merged models built by default.
+DEFAULT_TS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Ensembles whose weights would exceed this many megabytes are skipped.
+DEFAULT_MAX_ENSEMBLE_MB = 512.0
+_T_TOL = 1e-6
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServedGraph(_Strict):
+    """One ONNX graph of a bundle."""
+
+    mode: Literal["ensemble", "merged"]
+    k: int = Field(ge=1, description="members in the graph (1 for a merged model)")
+    ts: list[float] = Field(description="the members' t values (one for a merged model)")
+    file: str = Field(description="file name inside the serving directory")
+    size_bytes: int = 0
+    max_abs_diff: float | None = Field(None, description="|onnxruntime - torch| at export")
+    bn: list[str] = Field(default_factory=list, description="BatchNorm statistics per member")
+
+
+class ServingIndex(_Strict):
+    """``serving/index.json``: what a bundle holds and which artifact it was built from."""
+
+    format: Literal["modeconn.serving/1"] = FORMAT
+    name: str = Field(description="the artifact's own name (its directory name at fit time)")
+    method: str
+    kind: Literal["path", "points"] = "path"
+    basis: str = ""
+    model: dict = Field(default_factory=dict, description="{name, kwargs}")
+    input_shape: list[int]
+    num_classes: int
+    preprocessing: dict = Field(default_factory=dict)
+    has_batchnorm: bool = False
+    artifact_created: str = Field("", description="the artifact's creation stamp (staleness)")
+    created: str = ""
+    requested: dict = Field(default_factory=dict, description="{ks, ts} asked for")
+    graphs: list[ServedGraph] = Field(default_factory=list)
+    skipped: list[dict] = Field(default_factory=list, description="graphs not built, and why")
+
+    @property
+    def ensembles(self) -> dict[int, ServedGraph]:
+        """Ensemble graphs by K."""
+        return {g.k: g for g in self.graphs if g.mode == "ensemble"}
+
+    @property
+    def merged(self) -> dict[float, ServedGraph]:
+        """Merged-model graphs by t."""
+        return {g.ts[0]: g for g in self.graphs if g.mode == "merged"}
+
+
+def ensemble_file(k: int) -> str:
+    """File name of the K-member ensemble graph."""
+    return f"ensemble_k{k}.onnx"
+
+
+def merged_file(t: float) -> str:
+    """File name of the merged-model graph at ``t``."""
+    return f"merged_t{t:.4f}.onnx"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading (no torch)
+
+
+def read_index(artifact_dir: str | os.PathLike) -> ServingIndex:
+    """The bundle index of ``artifact_dir`` (``FileNotFoundError`` if it has none)."""
+    index_file = Path(artifact_dir) / SERVING_DIR / INDEX_FILE
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{artifact_dir} has no serving bundle ({SERVING_DIR}/{INDEX_FILE}); build one with "
+            f"`modeconn serve-build {artifact_dir}`"
+        )
+    try:
+        return ServingIndex.model_validate_json(index_file.read_text())
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ValueError(f"{index_file} is not a valid serving index: {problems}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {index_file}: {err}") from err
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Directories under ``root`` (itself included), skipping hidden and serving folders."""
+    for current, dirs, _files in os.walk(root, followlinks=False):
+        # Hidden folders include the temporary ones of atomic writes (".name.xxxx.tmp").
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != SERVING_DIR)
+        yield Path(current)
+
+
+def find_artifacts(root: str | os.PathLike) -> list[Path]:
+    """Artifact directories (holding ``manifest.json``) at or below ``root``, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"directory not found: {root}")
+    return [d for d in _walk(root) if (d / MANIFEST_FILE).is_file()]
+
+
+def find_served(root: str | os.PathLike) -> list[tuple[str, Path]]:
+    """``(name, directory)`` of every artifact with a serving bundle at or below ``root``.
+
+    The name is the directory's path relative to ``root`` in POSIX form (``"paths/bezier"``;
+    ``"."`` when ``root`` itself is the artifact).
+    """
+    root = Path(root)
+    return [
+        (d.relative_to(root).as_posix(), d)
+        for d in find_artifacts(root)
+        if (d / SERVING_DIR / INDEX_FILE).is_file()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building (torch)
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ensemble sizes must be positive integers, got {k!r} in {list(ks)}")
+        out.append(int(k))
+    return sorted(set(out))
+
+
+def _check_ts(ts: Sequence[float]) -> list[float]:
+    out = []
+    for t in ts:
+        try:
+            value = float(t)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"t values must be numbers in [0, 1], got {t!r}") from err
+        if not 0.0 <= value <= 1.0:  # also refuses NaN
+            raise ValueError(f"t values must lie in [0, 1], got {t!r}")
+        if not any(abs(value - o) <= _T_TOL for o in out):
+            out.append(value)
+    return sorted(out)
+
+
+def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
+    """The existing index when it was built from this very artifact (with ``requested``
+    ks and ts, unless that is None)."""
+    try:
+        index = read_index(directory)
+        created = json.loads((directory / MANIFEST_FILE).read_text()).get("created", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not created or index.artifact_created != created:
+        return None
+    if requested is not None and index.requested != requested:
+        return None
+    serving = directory / SERVING_DIR
+    if not all((serving / g.file).is_file() for g in index.graphs):
+        return None
+    return index
+
+
+def build_serving(
+    artifact_dir: str | os.PathLike,
+    *,
+    ks: Sequence[int] | None = None,
+    ts: Sequence[float] | None = None,
+    max_ensemble_mb: float = DEFAULT_MAX_ENSEMBLE_MB,
+    force: bool = False,
+    atol: float = 1e-4,
+) -> ServingIndex:
+    """Build ``<artifact_dir>/serving/``: K-member ensembles for K in ``ks`` and merged models
+    at the t values ``ts``, each one ONNX graph (:mod:`modeconn.export`), plus ``index.json``.
+
+    Graphs that cannot be served are skipped and listed in the index with the reason: BatchNorm
+    models without stored statistics at a t (see ``PathArtifact.served_ts``), point sets (FGE)
+    at t values that are not members or with fewer than K members, ensembles heavier than
+    ``max_ensemble_mb``. ``ks``/``ts`` default to :data:`DEFAULT_KS`/:data:`DEFAULT_TS`.
+    A bundle already built from this very artifact is kept unless ``force``, or unless ``ks``
+    or ``ts`` are given and differ from what it was built with. Written atomically; returns
+    the index.
+    """
+    from modeconn.artifact import load_artifact
+    from modeconn.bn import has_batchnorm
+    from modeconn.ensemble import choose_ts
+    from modeconn.export import export_ensemble, export_merged
+    from modeconn.io import atomic_dir, atomic_file
+
+    directory = Path(artifact_dir)
+    explicit = ks is not None or ts is not None
+    ks = _check_ks(DEFAULT_KS if ks is None else ks)
+    ts = _check_ts(DEFAULT_TS if ts is None else ts)
+    if not ks and not ts:
+        raise ValueError("nothing to build: give at least one ensemble size or one t value")
+    if not max_ensemble_mb > 0:
+        raise ValueError(f"max_ensemble_mb must be > 0, got {max_ensemble_mb!r}")
+    requested = {"ks": ks, "ts": ts} if explicit else None
+    if not force and (index := _up_to_date(directory, requested)) is not None:
+        log.info("serving bundle of %s is up to date (%d graphs)", directory, len(index.graphs))
+        return index
+    artifact = load_artifact(directory)  # a corrupt artifact fails here, before any write
+    manifest = artifact.manifest
+
+    model = artifact.build_model()
+    batchnorm = has_batchnorm(model)
+    member_mb = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 2**20
+    points = manifest.kind == "points"
+    knots = [float(x) for x in artifact.path.knots()]
+
+    def unserved(values: Sequence[float]) -> list[float]:
+        """t values among ``values`` that this artifact cannot serve without data."""
+        if points:
+            return [t for t in values if not any(abs(t - x) <= _T_TOL for x in knots)]
+        if batchnorm:
+            return [t for t in values if artifact.served_t(t) is None]
+        return []
+
+    plan: list[tuple[str, int, list[float]]] = []
+    skipped: list[dict] = []
+    for k in ks:
+        if k * member_mb > max_ensemble_mb:
+            reason = f"{k} members of {member_mb:.1f} MB exceed max_ensemble_mb={max_ensemble_mb}"
+            skipped.append({"mode": "ensemble", "k": k, "reason": reason})
+            continue
+        try:
+            members = choose_ts(artifact.path, k)
+        except ValueError as err:  # e.g. more members than a point set holds
+            skipped.append({"mode": "ensemble", "k": k, "reason": str(err)})
+            continue
+        if missing := unserved(members):
+            reason = f"no stored BatchNorm statistics at t={missing}"
+            skipped.append({"mode": "ensemble", "k": k, "reason": reason})
+            continue
+        plan.append(("ensemble", k, members))
+    for t in ts:
+        if unserved([t]):
+            reason = (
+                f"not a member of this point set (members at t={[round(x, 4) for x in knots]})"
+                if points
+                else "no stored BatchNorm statistics at this t"
+            )
+            skipped.append({"mode": "merged", "t": t, "reason": reason})
+            continue
+        plan.append(("merged", 1, [t]))
+
+    begin = time.perf_counter()
+    graphs: list[ServedGraph] = []
+    with atomic_dir(directory / SERVING_DIR) as tmp:
+        for mode, k, members in plan:
+            file = ensemble_file(k) if mode == "ensemble" else merged_file(members[0])
+            try:
+                if mode == "ensemble":
+                    result = export_ensemble(artifact, tmp / file, k, atol=atol)
+                else:
+                    result = export_merged(artifact, tmp / file, members[0], atol=atol)
+            except (ValueError, RuntimeError) as err:
+                log.warning("serving bundle of %s: skipped %s %s: %s", directory, mode, file, err)
+                entry = {"mode": mode, "reason": str(err)}
+                entry.update({"k": k} if mode == "ensemble" else {"t": members[0]})
+                skipped.append(entry)
+                continue
+            graphs.append(
+                ServedGraph(
+                    mode=mode,
+                    k=k,
+                    ts=[float(t) for t in result.manifest["ts"]],
+                    file=file,
+                    size_bytes=result.size_bytes,
+                    max_abs_diff=result.max_abs_diff,
+                    bn=[str(b) for b in result.manifest.get("bn", [])],
+                )
+            )
+        if not graphs:
+            reasons = "; ".join(
+                f"{s['mode']} {s.get('k', s.get('t'))}: {s['reason']}" for s in skipped
+            )
+            raise ValueError(f"{directory}: no graph could be built for serving ({reasons})")
+        data = manifest.data
+        index = ServingIndex(
+            name=artifact.name or directory.name,
+            method=manifest.method,
+            kind=manifest.kind,
+            basis=manifest.basis,
+            model={"name": manifest.model.name, "kwargs": manifest.model.kwargs},
+            input_shape=list(manifest.model.input_shape),
+            num_classes=manifest.model.num_classes,
+            preprocessing=dict(data.preprocessing) if data else {},
+            has_batchnorm=batchnorm,
+            artifact_created=manifest.created,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            requested={"ks": ks, "ts": ts},
+            graphs=graphs,
+            skipped=skipped,
+        )
+        with atomic_file(tmp / INDEX_FILE) as index_tmp:
+            index_tmp.write_text(json.dumps(index.model_dump(), indent=2) + "\n")
+        # Temporary files are private (0600); a bundle is read by whoever serves it, e.g. the
+        # unprivileged user of a container built with `bentoml containerize`.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
+    log.info(
+        "serving bundle of %s: %d graphs (%d skipped) in %.1fs",
+        directory,
+        len(graphs),
+        len(skipped),
+        time.perf_counter() - begin,
+    )
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# The BentoML model store
+
+
+def save_to_store(artifact_dir: str | os.PathLike, name: str | None = None) -> str:
+    """Copy an artifact's manifest and serving bundle into the BentoML model store.
+
+    The service loads store models named in ``MODECONN_MODELS`` (comma-separated tags), and
+    ``bentoml build`` packs the models a ``bentofile.yaml`` lists. Returns the new tag
+    (``name:version``; default name ``modeconn-<directory name>``).
+    """
+    import shutil
+
+    import bentoml
+
+    directory = Path(artifact_dir)
+    index = read_index(directory)  # refuses an artifact without a bundle
+    name = name or f"modeconn-{directory.name}"
+    with bentoml.models.create(
+        name,
+        labels={"project": "modeconn", "method": index.method},
+        metadata={"name": index.name, "graphs": len(index.graphs), "kind": index.kind},
+    ) as model:
+        target = Path(model.path)
+        shutil.copy2(directory / MANIFEST_FILE, target / MANIFEST_FILE)
+        shutil.copytree(directory / SERVING_DIR, target / SERVING_DIR)
+    log.info("saved %s to the BentoML model store as %s", directory, model.tag)
+    return str(model.tag)
+
+
+def store_path(tag: str) -> tuple[str, Path]:
+    """``(name, directory)`` of a model saved by :func:`save_to_store` (``name:version`` tag)."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound as err:
+        raise FileNotFoundError(f"no model {tag!r} in the BentoML model store ({err})") from None
+    directory = Path(model.path)
+    if not (directory / SERVING_DIR / INDEX_FILE).is_file():
+        raise ValueError(f"store model {tag!r} holds no serving bundle; save it with save_to_store")
+    return model.tag.name, directory

@@ -1,0 +1,448 @@
+"""The served paths: every artifact with a serving bundle under a models directory, its ONNX
+graphs opened once with onnxruntime (CUDA first, CPU fallback), and the checks that turn a
+request into one graph and one input array.
+
+No torch here: manifests are read as JSON, bundles with :func:`modeconn.serving.read_index`,
+graphs with :class:`modeconn.runtime.OnnxModel`. Every user error is a :class:`RequestError`
+carrying an HTTP status and a message that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
+
+from modeconn.runtime import OnnxModel
+from modeconn.serving import SERVING_DIR, ServingIndex, find_served, read_index
+from service.preprocess import image_to_input, normalize_raw
+from service.schemas import GraphInfo, PathInfo, PredictRequest, PredictResponse
+
+__all__ = ["RequestError", "Graph", "ServedPath", "Catalog"]
+
+log = logging.getLogger("modeconn.service")
+
+_T_TOL = 1e-6
+
+
+class RequestError(Exception):
+    """A request the service cannot answer: HTTP ``status`` and a message saying why."""
+
+    def __init__(self, status: int, message: str, expected: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.expected = expected or {}
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+@dataclass
+class Graph:
+    """One ONNX graph of a served path, opened on first use (or at start with ``preload``)."""
+
+    mode: str  # "ensemble" | "merged"
+    k: int
+    ts: list[float]
+    file: Path
+    size_bytes: int
+    name: str
+    device: str = "auto"
+    threads: int | None = None
+    _model: OnnxModel | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def model(self) -> OnnxModel:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = OnnxModel(
+                        self.file, device=self.device, intra_op_threads=self.threads, name=self.name
+                    )
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+
+@dataclass
+class ServedPath:
+    """A path artifact with its serving bundle."""
+
+    name: str
+    directory: Path
+    index: ServingIndex
+    manifest: dict
+    ensembles: dict[int, Graph]
+    merged: dict[float, Graph]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.index.input_shape)
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.index.preprocessing
+
+    def graphs(self) -> list[Graph]:
+        return [*self.ensembles.values(), *self.merged.values()]
+
+    def info(self) -> PathInfo:
+        """What GET /paths says about this path."""
+        metrics = self.manifest.get("metrics") or {}
+        test_acc = metrics.get("test_acc") or []
+        grid = metrics.get("ts") or []
+
+        def pick(d: dict | None, key: str) -> float | None:
+            value = (d or {}).get(key)
+            return float(value) if isinstance(value, int | float) else None
+
+        mid = None
+        if test_acc and len(grid) == len(test_acc):
+            mid = float(test_acc[min(range(len(grid)), key=lambda i: abs(grid[i] - 0.5))])
+        return PathInfo(
+            name=self.name,
+            method=self.index.method,
+            kind=self.index.kind,
+            model=self.index.model,
+            input_shape=list(self.input_shape),
+            num_classes=self.index.num_classes,
+            preprocessing=self.preprocessing,
+            ks=sorted(self.ensembles),
+            ensemble_ts={str(k): g.ts for k, g in sorted(self.ensembles.items())},
+            served_ts=sorted(self.merged),
+            barrier={
+                "loss_mean": pick(metrics.get("loss_barrier"), "mean"),
+                "loss_max": pick(metrics.get("loss_barrier"), "max"),
+                "error_mean": pick(metrics.get("error_barrier"), "mean"),
+                "error_max": pick(metrics.get("error_barrier"), "max"),
+            },
+            accuracy={
+                "t0": float(test_acc[0]) if test_acc else None,
+                "t1": float(test_acc[-1]) if test_acc else None,
+                "midpoint": mid,
+                "worst": float(min(test_acc)) if test_acc else None,
+            },
+            alignment=bool(self.manifest.get("alignment")),
+            graphs=[
+                GraphInfo(mode=g.mode, k=g.k, ts=g.ts, size_bytes=g.size_bytes)
+                for g in self.graphs()
+            ],
+        )
+
+
+def _entropy(probs: np.ndarray, log_probs: np.ndarray) -> np.ndarray:
+    # p log p with p = 0 contributes 0 (log_probs may be -inf there).
+    terms = np.where(probs > 0, probs * log_probs, 0.0)  # (N, C)
+    return -terms.sum(axis=-1)  # (N,)
+
+
+class Catalog:
+    """Every served path, by name."""
+
+    def __init__(self, paths: dict[str, ServedPath]):
+        self.paths = paths
+
+    @classmethod
+    def load(
+        cls,
+        root: str | os.PathLike | None,
+        tags: list[str] | tuple[str, ...] = (),
+        *,
+        device: str = "auto",
+        intra_op_threads: int | None = None,
+        preload: bool = True,
+    ) -> Catalog:
+        """Every artifact with a serving bundle at or below ``root`` (named by its relative
+        path, see ``find_served``) plus the BentoML store models ``tags`` (named by model name).
+
+        A broken bundle is logged and left out; the others are served. ``preload`` opens every
+        graph now (readiness then means every graph loads), otherwise on first use.
+        """
+        found: list[tuple[str, Path]] = []
+        if root is not None:
+            root = Path(root)
+            if root.is_dir():
+                found += [(root.name if n == "." else n, d) for n, d in find_served(root)]
+            elif not tags:
+                raise FileNotFoundError(
+                    f"models directory not found: {root} (set MODECONN_ARTIFACTS, or build the "
+                    "demo artifacts with `python -m modeconn.demo --out artifacts`)"
+                )
+            else:
+                log.warning("models directory %s not found; serving store models only", root)
+        for tag in tags:
+            from modeconn.serving import store_path
+
+            found.append(store_path(tag))
+        paths: dict[str, ServedPath] = {}
+        for name, directory in found:
+            if name in paths:
+                log.error(
+                    "not serving %s: the name %r is taken by %s",
+                    directory,
+                    name,
+                    paths[name].directory,
+                )
+                continue
+            try:
+                served = _load_path(name, directory, device, intra_op_threads)
+                if preload:
+                    for graph in served.graphs():
+                        graph.model  # noqa: B018 - opens the session
+            except (OSError, ValueError, RuntimeError) as err:
+                log.error("not serving %s: %s", directory, err)
+                continue
+            paths[name] = served
+        catalog = cls(paths)
+        if not paths:
+            log.warning(
+                "nothing to serve under %s: build bundles with `modeconn serve-build %s`",
+                root,
+                root,
+            )
+        else:
+            log.info(
+                "serving %d paths (%s): %s",
+                len(paths),
+                catalog.provider() or "graphs open on first use",
+                ", ".join(f"{n} ({len(p.graphs())} graphs)" for n, p in paths.items()),
+            )
+        return catalog
+
+    def provider(self) -> str | None:
+        """The execution provider of the graphs opened so far (``None`` if none is open)."""
+        used = {g.model.provider for p in self.paths.values() for g in p.graphs() if g.loaded}
+        return ", ".join(sorted(used)) if used else None
+
+    # -- resolving a request ----------------------------------------------------------------
+
+    def get(self, name: str) -> ServedPath:
+        served = self.paths.get(name)
+        if served is None:
+            names = sorted(self.paths)
+            raise RequestError(
+                404,
+                f"unknown path {name!r}; served paths: {names if names else 'none'}",
+                {"path": names},
+            )
+        return served
+
+    def graph(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
+        """The graph for ``mode`` (``point`` is ``merged``), ``k`` and ``t`` on ``served``."""
+        if mode == "ensemble":
+            ks = sorted(served.ensembles)
+            if t is not None:
+                raise RequestError(
+                    400,
+                    "t selects a merged model; an ensemble's members are fixed by k "
+                    f"(drop t, or use mode 'merged' with t in {_fmt(sorted(served.merged))})",
+                    {"k": ks},
+                )
+            if not ks:
+                raise RequestError(
+                    400,
+                    f"path {served.name!r} has no ensemble built; use mode 'merged' with t in "
+                    f"{_fmt(sorted(served.merged))}",
+                    {"mode": ["merged"], "t": sorted(served.merged)},
+                )
+            k = ks[-1] if k is None else k
+            if k not in served.ensembles:
+                raise RequestError(
+                    400,
+                    f"k={k} is not served for path {served.name!r}; available ensemble sizes: {ks}",
+                    {"k": ks},
+                )
+            return served.ensembles[k]
+        ts = sorted(served.merged)
+        if k is not None and k != 1:
+            raise RequestError(
+                400,
+                f"k={k} selects an ensemble; mode {mode!r} runs one network (drop k, or use "
+                f"mode 'ensemble' with k in {sorted(served.ensembles)})",
+                {"k": [1]},
+            )
+        if not ts:
+            raise RequestError(
+                400,
+                f"path {served.name!r} has no merged model built; use mode 'ensemble' with k in "
+                f"{sorted(served.ensembles)}",
+                {"mode": ["ensemble"], "k": sorted(served.ensembles)},
+            )
+        if t is None:
+            t = min(ts, key=lambda s: (abs(s - 0.5), s))
+        for served_t in ts:
+            if abs(served_t - t) <= _T_TOL:
+                return served.merged[served_t]
+        raise RequestError(
+            400,
+            f"t={t:g} is not served for path {served.name!r}; served t values: {_fmt(ts)}",
+            {"t": ts},
+        )
+
+    def shape_inputs(self, served: ServedPath, x: np.ndarray, raw: bool) -> np.ndarray:
+        """``x`` as ``(N, *input_shape)``: accepts that shape or ``(N, prod(input_shape))``."""
+        shape = served.input_shape
+        size = math.prod(shape)
+        if x.shape[1:] == shape:
+            pass
+        elif x.ndim == 2 and x.shape[1] == size:
+            x = x.reshape(len(x), *shape)
+        else:
+            raise RequestError(
+                400,
+                f"inputs have shape {list(x.shape)}; path {served.name!r} expects "
+                f"[N, {', '.join(map(str, shape))}] or [N, {size}]",
+                {"input_shape": list(shape)},
+            )
+        if raw:
+            try:
+                x = normalize_raw(x, served.preprocessing, shape)
+            except ValueError as err:
+                raise RequestError(400, str(err), {"preprocessing": served.preprocessing}) from None
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def run(self, served: ServedPath, graph: Graph, x: np.ndarray) -> PredictResponse:
+        """Run ``graph`` on ``x`` (already ``(N, *input_shape)``) and shape the answer."""
+        model = graph.model
+        out = model.session.run(None, {model.input_name: x})
+        outputs = dict(zip(model.output_names, out))
+        probs = outputs["probabilities"]  # (N, C)
+        log_probs = outputs["log_probabilities"]  # (N, C)
+        response = {
+            "path": served.name,
+            "mode": graph.mode,
+            "k": graph.k,
+            "ts": graph.ts,
+            "labels": probs.argmax(-1).tolist(),
+            "probabilities": probs.tolist(),
+            "provider": model.provider,
+        }
+        if "uncertainty" in outputs:
+            uncertainty = outputs["uncertainty"]  # (N, 3): entropy, MI, disagreement
+            response["entropy"] = uncertainty[:, 0].tolist()
+            response["mutual_information"] = uncertainty[:, 1].tolist()
+            response["disagreement"] = uncertainty[:, 2].tolist()
+        else:
+            response["entropy"] = _entropy(probs, log_probs).tolist()
+        return PredictResponse.model_construct(**response)
+
+    def predict(self, request: PredictRequest) -> PredictResponse:
+        """Answer a validated prediction request."""
+        return self.run(*self.resolve(request))
+
+    def resolve(self, request: PredictRequest) -> tuple[ServedPath, Graph, np.ndarray]:
+        """Path, graph and ``(N, *input_shape)`` inputs of a request, or a RequestError."""
+        served = self.get(request.path)
+        graph = self.graph(served, request.mode, request.k, request.t)
+        return served, graph, self.shape_inputs(served, request.array, request.raw)
+
+    def predict_many(self, requests: list[PredictRequest]) -> list[PredictResponse]:
+        """Answer several requests, one graph run per distinct (path, graph) among them."""
+        resolved = [self.resolve(r) for r in requests]
+        groups: dict[int, list[int]] = {}
+        for i, (_, graph, _) in enumerate(resolved):
+            groups.setdefault(id(graph), []).append(i)
+        answers: list[PredictResponse | None] = [None] * len(requests)
+        for members in groups.values():
+            served, graph, _ = resolved[members[0]]
+            x = np.concatenate([resolved[i][2] for i in members])  # (sum N_i, *input_shape)
+            whole = self.run(served, graph, x)
+            begin = 0
+            for i in members:
+                n = len(resolved[i][2])
+                answers[i] = _slice(whole, begin, begin + n)
+                begin += n
+        return answers  # type: ignore[return-value]
+
+    def predict_image(
+        self,
+        data: bytes,
+        path: str,
+        mode: str = "ensemble",
+        k: int | None = None,
+        t: float | None = None,
+        invert: bool | None = None,
+    ) -> PredictResponse:
+        """Answer an image upload: decode and preprocess it as the path's data set was."""
+        served = self.get(path)
+        graph = self.graph(served, mode, k, t)
+        try:
+            x = image_to_input(data, served.preprocessing, served.input_shape, invert=invert)
+        except ValueError as err:
+            raise RequestError(400, str(err)) from None
+        return self.run(served, graph, x)
+
+    def export(self, path: str, mode: str, k: int | None, t: float | None) -> tuple[Graph, str]:
+        """The graph file to download and a descriptive file name for it."""
+        served = self.get(path)
+        graph = self.graph(served, mode, k, t)
+        stem = served.name.replace("/", "_").strip("._") or "path"
+        return graph, f"{stem}_{graph.file.name}"
+
+
+def _slice(response: PredictResponse, begin: int, end: int) -> PredictResponse:
+    """Rows ``begin:end`` of a batched answer."""
+    fields = ("labels", "probabilities", "entropy", "mutual_information", "disagreement")
+    data = {name: getattr(response, name) for name in PredictResponse.model_fields}
+    for name in fields:
+        if data[name] is not None:
+            data[name] = data[name][begin:end]
+    return PredictResponse.model_construct(**data)
+
+
+def _load_path(name: str, directory: Path, device: str, threads: int | None) -> ServedPath:
+    index = read_index(directory)
+    manifest_file = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {manifest_file}: {err}") from err
+    if manifest.get("created", "") != index.artifact_created:
+        log.warning(
+            "%s: the serving bundle was built from an older version of the artifact; rebuild "
+            "it with `modeconn serve-build %s`",
+            directory,
+            directory,
+        )
+    ensembles: dict[int, Graph] = {}
+    merged: dict[float, Graph] = {}
+    for g in index.graphs:
+        file = directory / SERVING_DIR / g.file
+        if not file.is_file():
+            raise ValueError(f"{file} is listed in the serving index but missing")
+        graph = Graph(
+            mode=g.mode,
+            k=g.k,
+            ts=list(g.ts),
+            file=file,
+            size_bytes=g.size_bytes,
+            name=f"{name}/{g.file}",
+            device=device,
+            threads=threads,
+        )
+        if g.mode == "ensemble":
+            ensembles[g.k] = graph
+        else:
+            merged[float(g.ts[0])] = graph
+    return ServedPath(
+        name=name,
+        directory=directory,
+        index=index,
+        manifest=manifest,
+        ensembles=ensembles,
+        merged=merged,
+    )
