@@ -27,7 +27,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import modeconn.connect  # noqa: E402, F401  (the method table first: it imports modeconn.neb)
+import modeconn.methods  # noqa: E402, F401
 from modeconn.bn import batch_stats_mode  # noqa: E402
 from modeconn.data import load_data  # noqa: E402
 from modeconn.neb import (  # noqa: E402

@@ -23,6 +23,7 @@ server, so on few cores they compete with it for CPU.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -258,6 +259,8 @@ def _bench_case(url: str, model_file: Path, name: str, shape, quick: bool) -> di
         x = rng.standard_normal((batch, *shape)).astype(np.float32)
         payload = json.dumps({"path": name, "inputs": x.tolist()}).encode()
         batched = json.dumps([{"path": name, "inputs": x.tolist()}]).encode()
+        b64 = base64.b64encode(x.astype("<f4").tobytes()).decode()
+        binary = json.dumps({"path": name, "inputs_b64": b64, "shape": list(x.shape)}).encode()
         # Fewer calls where each one is long (the CNN at batch 64), fewer still when quick.
         cost = (4 if heavy else 1) * (4 if batch == 64 else 1)
         repeats = max(10, (40 if quick else 300) // cost)
@@ -274,7 +277,11 @@ def _bench_case(url: str, model_file: Path, name: str, shape, quick: bool) -> di
         batch_wall, batch_lat, batch_failed = _concurrent(
             _http_call(url, "/predict_batch", batched), CLIENTS, per_client
         )
-        if http_failed:
+        b64_http = _sequential(_http_call(url, "/predict", binary)(), repeats, 3)
+        b64_wall, _, b64_failed = _concurrent(
+            _http_call(url, "/predict", binary), CLIENTS, per_client
+        )
+        if http_failed or b64_failed:
             raise RuntimeError(f"{http_failed} /predict calls failed under {CLIENTS} clients")
         local_p50, local_p99 = _percentiles(local)
         http_p50, http_p99 = _percentiles(http)
@@ -297,6 +304,11 @@ def _bench_case(url: str, model_file: Path, name: str, shape, quick: bool) -> di
             "batched_16_failed": batch_failed,
             "batched_ratio_16": batch_thr / local_thr,
             "json_body_kb": len(payload) / 1024,
+            "b64_http_p50_ms": _percentiles(b64_http)[0],
+            "b64_overhead_p50_ms": _percentiles(b64_http)[0] - local_p50,
+            "b64_16_inputs_per_s": CLIENTS * per_client * batch / b64_wall,
+            "b64_ratio_16": CLIENTS * per_client * batch / b64_wall / local_thr,
+            "b64_body_kb": len(binary) / 1024,
         }
     return results
 
@@ -387,6 +399,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         results["summary"]["cnn_throughput_ratio_16_batch64"] = cnn["batch64"][
             "throughput_ratio_16"
         ]
+        results["summary"]["cnn_b64_throughput_ratio_16_batch64"] = cnn["batch64"]["b64_ratio_16"]
     results["notes"] = [
         "ratios compare HTTP with the same ONNX graph run in this process, same thread settings",
         "client threads share the machine's cores with the server",
@@ -405,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = (
         f"{'case':<22} {'local p50':>9} {'http p50':>9} {'http p99':>9} {'overhead':>9} "
-        f"{'local 16/s':>11} {'http 16/s':>10} {'ratio':>6} {'batched/s':>10}"
+        f"{'local 16/s':>11} {'http 16/s':>10} {'ratio':>6} {'batched/s':>10} "
+        f"{'b64 p50':>8} {'b64 16/s':>9} {'ratio':>6}"
     )
     print(header)
     for case in (c for c in results if c.endswith("_k4")):
@@ -414,7 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{case + ' ' + batch:<22} {r['inproc_p50_ms']:>8.2f}ms {r['http_p50_ms']:>7.2f}ms "
                 f"{r['http_p99_ms']:>7.2f}ms {r['overhead_p50_ms']:>7.2f}ms "
                 f"{r['inproc_16_inputs_per_s']:>11.0f} {r['http_16_inputs_per_s']:>10.0f} "
-                f"{r['throughput_ratio_16']:>6.3f} {r['batched_16_inputs_per_s']:>10.0f}"
+                f"{r['throughput_ratio_16']:>6.3f} {r['batched_16_inputs_per_s']:>10.0f} "
+                f"{r['b64_http_p50_ms']:>6.2f}ms {r['b64_16_inputs_per_s']:>9.0f} "
+                f"{r['b64_ratio_16']:>6.3f}"
             )
     m = results["memory"]
     print(

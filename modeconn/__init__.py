@@ -11,8 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "connect": "modeconn.connect",
-    "METHODS": "modeconn.connect",
+    "connect": "modeconn.methods",
+    "METHODS": "modeconn.methods",
     "Path": "modeconn.paths",
     "Bezier": "modeconn.paths",
     "PolyChain": "modeconn.paths",

@@ -16,7 +16,18 @@ import sys
 __all__ = ["main", "build_parser"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("train", "align", "connect", "eval_path", "compare", "evaluate", "fge", "plane", "export", "serve_build")
+COMMANDS = (
+    "train",
+    "align",
+    "connect",
+    "eval_path",
+    "compare",
+    "evaluate",
+    "fge",
+    "plane",
+    "export",
+    "serve_build",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

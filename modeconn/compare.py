@@ -20,9 +20,9 @@ from pathlib import Path as FsPath
 import torch
 
 from modeconn.checkpoint import Checkpoint
-from modeconn.connect import METHODS, connect, make_config
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path
+from modeconn.methods import METHODS, connect, make_config
 from modeconn.types import Energy
 
 __all__ = ["ComparisonRow", "compare", "compare_energy", "DEFAULT_METHODS"]

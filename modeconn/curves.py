@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from modeconn.connect import FitContext, MethodConfig
+from modeconn.fitting import FitContext, MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import Objective
 from modeconn.paths import Bezier, Path, PolyChain, uniform_knots

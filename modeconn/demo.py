@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from modeconn.checkpoint import load_checkpoint
     from modeconn.commands.compare import print_comparison
     from modeconn.compare import compare
-    from modeconn.connect import METHODS
     from modeconn.data import load_data
+    from modeconn.methods import METHODS
     from modeconn.plots import plot_paths
 
     data = load_data("digits")

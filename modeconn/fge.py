@@ -32,9 +32,9 @@ from modeconn.artifact import (
 )
 from modeconn.bn import has_batchnorm, parameter_names
 from modeconn.checkpoint import Checkpoint
-from modeconn.connect import MethodConfig
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path, predict
+from modeconn.fitting import MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import model_objective
 from modeconn.paths import PointSet, stack_nodes, uniform_knots

@@ -63,7 +63,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from modeconn.connect import FitContext, MethodConfig
+from modeconn.fitting import FitContext, MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import Objective
 from modeconn.paths import PolyChain
@@ -232,7 +232,7 @@ def load_config(
     """Read a YAML file of options (e.g. ``modeconn/configs/autoneb_resnet20.yaml``)."""
     import yaml
 
-    from modeconn.connect import make_config
+    from modeconn.methods import make_config
 
     with open(path) as handle:
         loaded = yaml.safe_load(handle) or {}

@@ -22,9 +22,9 @@ from modeconn.artifact import (
     save_artifact,
 )
 from modeconn.checkpoint import Checkpoint
-from modeconn.connect import METHODS, connect, make_config
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
+from modeconn.methods import METHODS, connect, make_config
 
 __all__ = ["align_endpoints", "fit_artifact"]
 

@@ -25,7 +25,7 @@ from modeconn.serving import SERVING_DIR, ServingIndex, find_served, read_index
 from service.preprocess import image_to_input, normalize_raw
 from service.schemas import GraphInfo, PathInfo, PredictRequest, PredictResponse
 
-__all__ = ["RequestError", "Graph", "ServedPath", "Catalog"]
+__all__ = ["RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
 
 log = logging.getLogger("modeconn.service")
 
@@ -66,9 +66,15 @@ class Graph:
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    # No busy-waiting pool threads: many sessions share the worker's cores.
                     self._model = OnnxModel(
-                        self.file, device=self.device, intra_op_threads=self.threads, name=self.name
+                        self.file,
+                        device=self.device,
+                        intra_op_threads=self.threads,
+                        name=self.name,
+                        spinning=False,
                     )
+                    release_freed_memory()
         return self._model
 
     @property
@@ -140,6 +146,28 @@ class ServedPath:
                 for g in self.graphs()
             ],
         )
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the C heap back to the system (glibc's ``malloc_trim``).
+
+    onnxruntime parses a whole ONNX file before it keeps the weights: the parse buffers are
+    freed but, left to glibc, stay in the process (measured: 60 MB of 200 MB for five 17 MB
+    members). Elsewhere (no glibc) nothing happens.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _entropy(probs: np.ndarray, log_probs: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ is served under its path relative to it (``paths/bezier``). Endpoints (JSON unle
 
 * ``POST /predict``: a batch for one path, as its K-member ensemble (mean softmax, entropy,
   mutual information, disagreement; Garipov et al. 2018, arXiv 1802.10026) or as the merged
-  network at one t;
+  network at one t; inputs as nested lists, or for large batches as base64 float32 bytes;
 * ``POST /predict_batch``: a list of such requests, adaptively batched by BentoML;
 * ``POST /predict_image``: one PNG/JPEG upload (multipart), preprocessed as the path's data set;
 * ``GET|POST /paths``: what is served, with barrier and accuracy from each manifest;
@@ -20,8 +20,7 @@ BentoML would log at ERROR are logged as one INFO line.
 
 Settings (environment): ``MODECONN_ARTIFACTS`` (models directory, default ``./artifacts``),
 ``MODECONN_MODELS`` (BentoML model store tags, comma-separated, from ``modeconn serve-build
---to-store``),
-``MODECONN_MAX_BATCH`` (default 1024), ``MODECONN_MAX_BODY_MB`` (default 64),
+--to-store``), ``MODECONN_MAX_BATCH`` (default 1024), ``MODECONN_MAX_BODY_MB`` (default 64),
 ``MODECONN_DEVICE`` (auto | cuda | cpu), ``MODECONN_ORT_THREADS`` (threads per onnxruntime
 operator; default 1 per worker), ``MODECONN_WORKERS`` (worker processes, default 1),
 ``MODECONN_THREADS`` (concurrent requests per worker, default 4), ``MODECONN_PRELOAD``

@@ -12,10 +12,10 @@ import torch
 from modeconn.artifact import load_artifact
 from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
-from modeconn.connect import connect, make_config
 from modeconn.curves import CurveConfig, CurveTrainer, curve_lr_factor
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path, predict
+from modeconn.methods import connect, make_config
 from modeconn.objective import energy_objective
 from modeconn.paths import Bezier, PolyChain, bezier_coefficients, linear
 from modeconn.pipeline import fit_artifact

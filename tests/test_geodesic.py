@@ -13,9 +13,9 @@ import torch
 
 from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
-from modeconn.connect import FitContext, connect, make_config
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
+from modeconn.fitting import FitContext
 from modeconn.geodesic import (
     GeodesicConfig,
     chain_energy,
@@ -24,6 +24,7 @@ from modeconn.geodesic import (
     initial_nodes,
     node_log_probs,
 )
+from modeconn.methods import connect, make_config
 from modeconn.metrics import jsd_from_logits
 from modeconn.objective import model_objective
 from models import create_model

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import modeconn.connect  # noqa: F401  (the method table imports modeconn.neb)
-from modeconn.connect import connect
+import modeconn.methods  # noqa: F401
 from modeconn.evaluate import evaluate_energy_path
+from modeconn.methods import connect
 from modeconn.neb import (
     DEFAULT_CYCLES,
     AutoNEBConfig,
@@ -243,9 +243,9 @@ def test_schedules_validate_and_the_reference_schedule_ships():
     default = load_config(resources.files("modeconn") / "configs" / "autoneb_default.yaml")
     assert default.cycles == list(DEFAULT_CYCLES) == AutoNEBConfig().cycles
     with pytest.raises(ValueError, match="cycles.0.lr"):
-        modeconn.connect.make_config("autoneb", cycles=[{"steps": 10, "lr": -1}])
+        modeconn.methods.make_config("autoneb", cycles=[{"steps": 10, "lr": -1}])
     with pytest.raises(ValueError, match="first cycle must insert"):
-        modeconn.connect.make_config("autoneb", cycles=[{"steps": 10, "lr": 0.1, "insert": "none"}])
+        modeconn.methods.make_config("autoneb", cycles=[{"steps": 10, "lr": 0.1, "insert": "none"}])
     with pytest.raises(ValueError, match="stepz"):
         CycleConfig(steps=1, lr=1.0, stepz=3)
 

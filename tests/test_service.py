@@ -41,8 +41,9 @@ def models_root(mlp_pair, bn_pair, digits, tmp_path_factory) -> Path:
         ("cnn", bn_pair, (2,), (0.5, 0.3)),  # 0.3 has no stored BN statistics: skipped
     ):
         a, b = (load_checkpoint(p) for p in pair)
-        fit_artifact(a, b, digits, "linear", out=root / "paths" / name, eval_points=3)
-        build_serving(root / "paths" / name, ks=ks, ts=ts)
+        out = root / "paths" / name
+        fit_artifact(a, b, digits, "linear", out=out, eval_points=3, served_ts=[0.0, 0.5, 1.0])
+        build_serving(out, ks=ks, ts=ts)
     a, b = (load_checkpoint(p) for p in mlp_pair)
     fit_artifact(a, b, digits, "linear", out=root / "unbuilt", eval_points=0)
     return root
@@ -240,6 +241,19 @@ def test_paths_lists_what_is_served_with_barrier_and_accuracy(asgi):
     assert paths["paths/cnn"]["served_ts"] == [0.5]
     one = asgi.get("/paths", params={"path": "paths/cnn"}).json()["paths"]
     assert [p["name"] for p in one] == ["paths/cnn"]
+
+
+def test_openapi_documents_the_endpoints_with_examples(asgi):
+    spec = asgi.get("/docs.json")
+    assert spec.status_code == 200
+    spec = spec.json()
+    for route in ("/predict", "/predict_batch", "/predict_image", "/paths", "/export", "/readyz"):
+        assert route in spec["paths"], route
+    request = spec["components"]["schemas"]["PredictRequestIODescriptor"]["properties"]
+    assert request["path"]["examples"] == ["paths/bezier"]
+    assert np.array(request["inputs"]["examples"][0]).shape == (1, 1, 8, 8)
+    assert request["mode"]["enum"] == ["ensemble", "merged", "point"]
+    assert asgi.get("/").status_code == 200  # the Swagger page
 
 
 def test_predictions_equal_onnxruntime(asgi, models_root):
@@ -630,7 +644,6 @@ def _workers(pid: int) -> list[int]:
     return [c.pid for c in psutil.Process(pid).children(recursive=True)]
 
 
-@pytest.mark.slow
 def test_real_server_answers_like_onnxruntime(server, models_root, digits):
     import bentoml
     import httpx
@@ -667,7 +680,6 @@ def test_real_server_answers_like_onnxruntime(server, models_root, digits):
         assert "libtorch" not in maps, f"worker {pid} mapped libtorch"
 
 
-@pytest.mark.slow
 def test_real_server_refuses_bad_input_and_stays_ready(server):
     import httpx
 
@@ -737,7 +749,6 @@ def test_real_server_under_16_concurrent_clients(server, models_root):
     assert not failures, failures[:5]
 
 
-@pytest.mark.slow
 def test_real_server_predicts_an_uploaded_png(server, models_root, digits):
     import bentoml
     import httpx

@@ -21,7 +21,7 @@ from modeconn.commands._common import (
     parse_kv,
     resolve_device,
 )
-from modeconn.connect import METHODS
+from modeconn.methods import METHODS
 
 _SKIP = {"seed"}  # a common flag, added once below
 

@@ -1,23 +1,23 @@
-"""``connect``: one entry point and a static table of connection methods.
+"""The table of connection methods, and ``connect``: the one entry point to all of them.
 
-Every method is a :class:`Method`: a frozen pydantic config (its options, with the papers'
-defaults) and a fitter ``fit(objective, start, end, config, context) -> Path``. Fitters are
-written against :class:`modeconn.objective.Objective`, so each works both on models with data and
-on a plain energy function of a 1-D vector.
+Each method is a :class:`modeconn.fitting.Method` (a config and a fitter); the table below is
+the whole list. ``modeconn.connect`` is :func:`connect`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from torch import Tensor, nn
 
+from modeconn.curves import CurveConfig, fit_bezier, fit_polychain
 from modeconn.data import Dataset
+from modeconn.fitting import FitContext, Method, MethodConfig
+from modeconn.geodesic import GeodesicConfig, fit_geodesic
+from modeconn.neb import AutoNEBConfig, NEBConfig, fit_autoneb, fit_neb
 from modeconn.objective import Objective, energy_objective, model_objective
 from modeconn.paths import Path, linear
 from modeconn.types import VECTOR_KEY, Energy, StateDict
@@ -33,40 +33,6 @@ __all__ = [
 ]
 
 
-class MethodConfig(BaseModel):
-    """Base of every method's options: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    seed: int = 0
-
-
-@dataclass
-class FitContext:
-    """What a fitter gets besides its config: progress, resumable state, and a place for stats.
-
-    ``checkpoint``: a file where the fitter saves its state (every epoch or cycle) and, with
-    ``resume``, restarts from. Fitters record what they measured (gradient evaluations, loss
-    history, lengths before/after) in ``stats``; it ends up in the artifact's manifest.
-    """
-
-    progress: bool = False
-    checkpoint: FsPath | None = None
-    resume: bool = False
-    stats: dict = field(default_factory=dict)
-
-
-FitFn = Callable[[Objective, StateDict, StateDict, MethodConfig, FitContext], Path]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config: type[MethodConfig]
-    fit: FitFn
-    summary: str
-
-
 class LinearConfig(MethodConfig):
     pass
 
@@ -78,53 +44,27 @@ def _fit_linear(
 
 
 def _build_methods() -> dict[str, Method]:
-    from modeconn.curves import CurveConfig, fit_bezier, fit_polychain
-
-    table = [Method("linear", LinearConfig, _fit_linear, "straight line (the baseline)")]
-    table.append(Method("bezier", CurveConfig, fit_bezier, "Bezier curve (Garipov et al. 2018)"))
-    table.append(
-        Method("polychain", CurveConfig, fit_polychain, "polygonal chain (Garipov et al. 2018)")
-    )
-    from modeconn.geodesic import GeodesicConfig, fit_geodesic
-
-    table.append(
-        Method("geodesic", GeodesicConfig, fit_geodesic, "JSD geodesic chain (Tan et al. 2023)")
-    )
-    from modeconn.neb import AutoNEBConfig, NEBConfig, fit_autoneb, fit_neb
-
-    table.append(Method("neb", NEBConfig, fit_neb, "nudged elastic band (Draxler et al. 2018)"))
-    table.append(
-        Method("autoneb", AutoNEBConfig, fit_autoneb, "AutoNEB cycles (Draxler et al. 2018)")
-    )
+    table = [
+        Method("linear", LinearConfig, _fit_linear, "straight line (the baseline)"),
+        Method("bezier", CurveConfig, fit_bezier, "Bezier curve (Garipov et al. 2018)"),
+        Method("polychain", CurveConfig, fit_polychain, "polygonal chain (Garipov et al. 2018)"),
+        Method("neb", NEBConfig, fit_neb, "nudged elastic band (Draxler et al. 2018)"),
+        Method("autoneb", AutoNEBConfig, fit_autoneb, "AutoNEB cycles (Draxler et al. 2018)"),
+        Method("geodesic", GeodesicConfig, fit_geodesic, "JSD geodesic chain (Tan et al. 2023)"),
+    ]
     return {m.name: m for m in table}
 
 
-METHODS: dict[str, Method]  # provided by __getattr__ below: name -> Method
-_METHODS: dict[str, Method] | None = None
-
-
-def _methods() -> dict[str, Method]:
-    """The table, built on first use: the fitter modules import this module, so building it
-    while this module is being imported would be circular (``import modeconn.curves`` first)."""
-    global _METHODS
-    if _METHODS is None:
-        _METHODS = _build_methods()
-    return _METHODS
-
-
-def __getattr__(name: str):
-    if name == "METHODS":  # ``from modeconn.connect import METHODS`` builds the table (PEP 562)
-        return _methods()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+METHODS: dict[str, Method] = _build_methods()
 
 
 def method_names() -> list[str]:
-    return list(_methods())
+    return list(METHODS)
 
 
 def make_config(method: str, **params) -> MethodConfig:
     """Validate ``params`` into ``method``'s config, with an error that names the bad option."""
-    methods = _methods()
+    methods = METHODS
     if method not in methods:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(methods)}")
     cls = methods[method].config
@@ -169,7 +109,7 @@ def connect(
     """
     if (
         batch_size is not None
-        and "batch_size" in getattr(_methods().get(method), "config", LinearConfig).model_fields
+        and "batch_size" in getattr(METHODS.get(method), "config", LinearConfig).model_fields
     ):
         params["batch_size"] = batch_size  # the method's option and the objective's must agree
     config = make_config(method, **params)
@@ -205,7 +145,7 @@ def connect(
             f"connect needs an nn.Module or a callable energy(w) -> scalar, got {type(model_or_energy)}"
         )
     with objective.session():
-        path = _methods()[method].fit(objective, a, b, config, ctx)
+        path = METHODS[method].fit(objective, a, b, config, ctx)
     path.is_vector = objective.is_vector
     return path
 
