@@ -169,11 +169,7 @@ def compare(
 
 
 def _ensemble_metrics(artifact, data: Dataset, k: int, device) -> dict:
-    """Test accuracy and NLL of the K-member ensemble along the path (empty if unavailable)."""
-    try:
-        from modeconn.ensemble import ensemble_predict  # noqa: F401
-    except ImportError:
-        return {}
+    """Test accuracy and NLL of the K-member ensemble along the path."""
     from modeconn.ensemble import evaluate_ensemble
 
     result = evaluate_ensemble(artifact, data, k=k, device=device)

@@ -210,7 +210,11 @@ def test_raw_inputs_are_normalised_and_range_checked(digits):
 
 @pytest.fixture(scope="module")
 def asgi(models_root):
-    from starlette.testclient import TestClient
+    import warnings
+
+    with warnings.catch_warnings():  # starlette asks for httpx2 instead of httpx
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
 
     from service.service import ModeConnService
 
