@@ -55,15 +55,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - start)
-    return out
+def _time(fn, device) -> tuple[float, float]:
+    """Wall and process CPU seconds of one call (CPU time ignores time spent descheduled)."""
+    _sync(device)
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torch.device) -> dict:
@@ -107,18 +105,25 @@ def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torc
             fn()
             fn()
         times: dict[str, list[float]] = {k: [] for k in steps}
+        cpu: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(repeats):  # interleaved, so that load changes hit every variant alike
             for key, fn in steps.items():
-                times[key] += _time(fn, device, 1)
+                wall, used = _time(fn, device)
+                times[key].append(wall)
+                cpu[key].append(used)
     # On a shared machine a step is sometimes descheduled for a whole time slice: the minimum
-    # is the reproducible figure, the median is reported beside it.
+    # is the reproducible figure, the median is reported beside it, and on CPU the median of
+    # the process CPU time too (with several threads it also counts their idle spinning).
     best = {k: min(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
+    cpu_median = {k: statistics.median(v) for k, v in cpu.items()}
     results.update({f"seconds_{k}": v for k, v in best.items()})
     results.update({f"seconds_{k}_median": v for k, v in median.items()})
     for engine in ("loop", "vmap"):
         results[f"ratio_{engine}"] = best[engine] / best["plain"]
         results[f"ratio_{engine}_median"] = median[engine] / median["plain"]
+        if device.type == "cpu":
+            results[f"ratio_{engine}_cpu_time"] = cpu_median[engine] / cpu_median["plain"]
     auto = _pick_engine(objective, "auto")
     results["auto_engine"] = auto
     results["ratio_auto"] = results[f"ratio_{auto}"]
@@ -160,7 +165,9 @@ def main() -> None:
             f"{key:24s} plain {value['seconds_plain'] * 1e3:7.2f} ms   "
             f"loop {value['ratio_loop']:.2f}x   vmap {value['ratio_vmap']:.2f}x   "
             f"auto={value['auto_engine']} -> {value['ratio_auto']:.2f}x   "
-            f"(medians: loop {value['ratio_loop_median']:.2f}x vmap {value['ratio_vmap_median']:.2f}x)"
+            f"(medians: loop {value['ratio_loop_median']:.2f}x vmap {value['ratio_vmap_median']:.2f}x; "
+            f"CPU time: loop {value.get('ratio_loop_cpu_time', float('nan')):.2f}x "
+            f"vmap {value.get('ratio_vmap_cpu_time', float('nan')):.2f}x)"
         )
     print(json.dumps(results, indent=1))
 

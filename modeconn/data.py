@@ -276,7 +276,8 @@ def _load_torchvision(kind: str, root_str: str) -> Dataset:
             "raw_max": 255.0,
             "mean": list(mean),
             "std": list(std),
-            "ink": "dark-on-light" if kind != "mnist" else "light-on-dark",
+            # MNIST and Fashion-MNIST draw light objects on a dark ground; CIFAR has no "ink".
+            "ink": "light-on-dark" if kind in ("mnist", "fashion-mnist") else "photo",
         },
         augment=_crop_flip if augment else None,
     )

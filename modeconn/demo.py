@@ -24,6 +24,9 @@ DEMO_METHODS = ("linear", "bezier", "polychain", "neb", "autoneb", "geodesic")
 DEMO_PARAMS: dict[str, dict] = {}
 DEMO_FGE = {"cycles": 6}
 DEMO_KS = (2, 3, 4, 5, 8)
+#: Graphs built for the HTTP service per artifact (each export is checked against torch).
+SERVE_KS = (2, 4, 5)
+SERVE_TS = (0.0, 0.5, 1.0)
 ENDPOINT_ARGS = {"width": 16, "depth": 2}
 
 
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     from modeconn.serving import build_serving
 
     for directory in [Path(r.artifact) for r in rows] + [fge_dir]:
-        build_serving(directory)
+        build_serving(directory, ks=SERVE_KS, ts=SERVE_TS)
 
     summary = {
         "endpoints": [str(file_a), str(file_b)],

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
 
 from modeconn.runtime import OnnxModel
-from modeconn.serving import SERVING_DIR, ServingIndex, find_served, read_index
+from modeconn.serving import SERVING_DIR, ServingIndex, find_served, read_index, store_path
 from service.preprocess import image_to_input, normalize_raw
 from service.schemas import GraphInfo, PathInfo, PredictRequest, PredictResponse
 
@@ -210,10 +210,7 @@ class Catalog:
                 )
             else:
                 log.warning("models directory %s not found; serving store models only", root)
-        for tag in tags:
-            from modeconn.serving import store_path
-
-            found.append(store_path(tag))
+        found += [store_path(tag) for tag in tags]  # a missing tag stops the start
         paths: dict[str, ServedPath] = {}
         for name, directory in found:
             if name in paths:
