@@ -25,7 +25,50 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(HERE.parent))
 
 #: (benchmark, key path into its result, comparison, target, what it means)
-TARGETS: list[tuple[str, str, str, float, str]] = []
+TARGETS: list[tuple[str, str, str, float, str]] = [
+    ("curves", "mlp_64-256-256-10/ratio_paired", "<=", 1.2, "curve (K=3) step / plain step, MLP"),
+    (
+        "curves",
+        "resnet20_cifar/ratio_paired",
+        "<=",
+        1.2,
+        "curve (K=3) step / plain step, ResNet-20",
+    ),
+    ("neb", "worst_ratio_auto", "<=", 1.0, "NEB step over N pivots / N plain steps (worst case)"),
+    ("geodesic", "mlp_w256/ratio", "<=", 1.0, "geodesic step / N fwd+bwd, MLP-256"),
+    ("geodesic", "mlp_w16/ratio", "<=", 1.0, "geodesic step / N fwd+bwd, MLP-16"),
+    ("geodesic", "cnn_bn_8-16/ratio", "<=", 1.0, "geodesic step / N fwd+bwd, CNN with BN"),
+    (
+        "ensemble",
+        "min_separate_over_fused_batch1",
+        ">=",
+        1.5,
+        "K separate sessions / fused graph, batch 1 (worst K, model)",
+    ),
+    (
+        "ensemble",
+        "min_members_over_fused_batch256",
+        ">=",
+        0.95,
+        "K x one member / fused graph, batch 256 (worst K, model)",
+    ),
+    ("service", "summary/overhead_p50_ms_batch1", "<=", 5.0, "HTTP p50 overhead at batch 1 (ms)"),
+    (
+        "service",
+        "summary/throughput_ratio_16_batch1",
+        ">=",
+        0.5,
+        "HTTP / in-process throughput, 16 clients, batch 1 (MLP)",
+    ),
+    (
+        "service",
+        "summary/cnn_b64_throughput_ratio_16_batch64",
+        ">=",
+        0.5,
+        "HTTP / in-process throughput, 16 clients, batch 64 (CNN, base64)",
+    ),
+    ("service", "summary/memory_ratio", "<=", 1.2, "serving memory / (K x weights + runtime)"),
+]
 
 
 def _machine(device: str) -> dict:

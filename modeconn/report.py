@@ -160,5 +160,5 @@ def evaluate_artifact(
             rows.append(
                 Row(cand.label, cand.group, cand.k, cand.ts, metrics, reliability(probs, y))
             )
-            log.info("%s: acc %.4f nll %.4f", cand.label, metrics["accuracy"], metrics["nll"])
+            log.debug("%s: acc %.4f nll %.4f", cand.label, metrics["accuracy"], metrics["nll"])
     return rows
