@@ -38,6 +38,7 @@ from modeconn.fitting import MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import model_objective
 from modeconn.paths import PointSet, stack_nodes, uniform_knots
+from modeconn.pipeline import fit_state_file
 from modeconn.progress import progress_bar
 from modeconn.types import StateDict
 
@@ -291,12 +292,7 @@ def fge_artifact(
     """
     config = make_fge_config(**dict(params or {}))
     model = a.build_model()
-    checkpoint = None
-    if out is not None:
-        out = FsPath(out)
-        checkpoint = out.with_name(f".{out.name}.fit-state.safetensors")
-        if not resume and checkpoint.exists():
-            checkpoint.unlink()
+    checkpoint = fit_state_file(out, resume=resume)
     stats: dict = {}
     start = time.perf_counter()
     path = fge(

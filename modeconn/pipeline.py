@@ -26,9 +26,23 @@ from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
 from modeconn.methods import METHODS, connect, make_config
 
-__all__ = ["align_endpoints", "fit_artifact"]
+__all__ = ["align_endpoints", "fit_artifact", "fit_state_file"]
 
 log = logging.getLogger("modeconn")
+
+
+def fit_state_file(out: str | os.PathLike | None, *, resume: bool) -> FsPath | None:
+    """Where a fit of artifact ``out`` keeps its resumable state: a hidden file beside it.
+
+    Without ``resume`` a stale state from an earlier, interrupted fit is removed first.
+    """
+    if out is None:
+        return None
+    out = FsPath(out)
+    state = out.with_name(f".{out.name}.fit-state.safetensors")
+    if not resume and state.exists():
+        state.unlink()
+    return state
 
 
 def align_endpoints(
@@ -84,12 +98,7 @@ def fit_artifact(
     state_b, alignment = b.state, None
     if align:
         state_b, alignment = align_endpoints(a, b, data, seed=config.seed)
-    checkpoint = None
-    if out is not None and method != "linear":
-        out = FsPath(out)
-        checkpoint = out.with_name(f".{out.name}.fit-state.safetensors")
-        if not resume and checkpoint.exists():
-            checkpoint.unlink()
+    checkpoint = fit_state_file(out, resume=resume) if method != "linear" else None
     stats: dict = {}
     start = time.perf_counter()
     path = connect(
