@@ -42,7 +42,9 @@ def plot_paths(curves: dict[str, dict], out: str | os.PathLike, *, title: str = 
             ls="--",
             label=f"{label} test",
         )
-    ax_loss.set(xlabel="t", ylabel="loss (cross-entropy)", title="loss along the path")
+    ax_loss.set(xlabel="t", ylabel="loss (cross-entropy, log scale)", title="loss along the path")
+    # Log scale: a flat path's loss is orders of magnitude below the straight line's barrier.
+    ax_loss.set_yscale("log")
     ax_err.set(xlabel="t", ylabel="error (%)", title="error along the path")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
