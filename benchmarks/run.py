@@ -78,6 +78,12 @@ WHY_MISSED: dict[str, str] = {
         "arc-length re-spacing and Adam update add 17-25 % of memory passes over all pivots. "
         "Small models (MLP-16: 0.46-0.87) and the BN CNN (0.95-0.98) meet the target."
     ),
+    "geodesic step / N fwd+bwd, MLP-256": (
+        "one geodesic step does the same N forward/backward passes as the N single-model steps (stacked with vmap), so on a compute-bound model about 1.0 is its floor; it lands on either side of 1.0 from run to run on this shared 2-core VM (an earlier run here: MLP-256 0.90, CNN 0.73). Where per-call overhead dominates (MLP-16) the step is 2x cheaper."
+    ),
+    "geodesic step / N fwd+bwd, CNN with BN": (
+        "one geodesic step does the same N forward/backward passes as the N single-model steps (stacked with vmap), so on a compute-bound model about 1.0 is its floor; it lands on either side of 1.0 from run to run on this shared 2-core VM (an earlier run here: MLP-256 0.90, CNN 0.73). Where per-call overhead dominates (MLP-16) the step is 2x cheaper."
+    ),
     "K separate sessions / fused graph, batch 1 (worst K, model)": (
         "the worst case is ResNet-20 at CIFAR shapes: one member costs ~0.39 ms of convolution "
         "against ~3.3 us of onnxruntime call overhead, so fusing has nothing to save on a CPU; "

@@ -21,7 +21,11 @@ log = logging.getLogger("modeconn")
 
 #: Methods the demo compares, and the options that keep the whole demo within minutes here.
 DEMO_METHODS = ("linear", "bezier", "polychain", "neb", "autoneb", "geodesic")
-DEMO_PARAMS: dict[str, dict] = {}
+DEMO_PARAMS: dict[str, dict] = {
+    # The paper's plain SGD (the method's default) barely moves an aligned, already-low path in
+    # 1,500 steps; Adam with a cosine schedule does (peak train loss 0.047 -> 0.023 here).
+    "geodesic": {"optimizer": "adam", "schedule": "cosine", "lr": 1e-3},
+}
 DEMO_FGE = {"cycles": 6}
 DEMO_KS = (2, 3, 4, 5, 8)
 #: Graphs built for the HTTP service per artifact (each export is checked against torch).
