@@ -38,7 +38,7 @@ from modeconn.fitting import MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import model_objective
 from modeconn.paths import PointSet, stack_nodes, uniform_knots
-from modeconn.pipeline import fit_state_file
+from modeconn.pipeline import endpoint_record, fit_state_file
 from modeconn.progress import progress_bar
 from modeconn.types import StateDict
 
@@ -330,13 +330,7 @@ def fge_artifact(
         knots=ts,
         model=ModelInfo(**a.model.to_json()),
         data=DataInfo(**data.describe()),
-        endpoints={
-            "a": {
-                "file": a.path_name,
-                "metrics": a.meta.get("metrics", {}),
-                "seed": a.meta.get("seed"),
-            }
-        },
+        endpoints={"a": endpoint_record(a)},
         served_ts=ts,
         metrics=metrics,
         fit={

@@ -26,9 +26,18 @@ from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
 from modeconn.methods import METHODS, connect, make_config
 
-__all__ = ["align_endpoints", "fit_artifact", "fit_state_file"]
+__all__ = ["align_endpoints", "endpoint_record", "fit_artifact", "fit_state_file"]
 
 log = logging.getLogger("modeconn")
+
+
+def endpoint_record(ckpt: Checkpoint) -> dict:
+    """How a manifest names an endpoint: its file, seed and the metrics it was saved with."""
+    return {
+        "file": ckpt.path_name,
+        "metrics": ckpt.meta.get("metrics", {}),
+        "seed": ckpt.meta.get("seed"),
+    }
 
 
 def fit_state_file(out: str | os.PathLike | None, *, resume: bool) -> FsPath | None:
@@ -137,20 +146,9 @@ def fit_artifact(
         num_nodes=path.num_nodes,
         knots=[float(k) for k in path.knots()],
         model=ModelInfo(**a.model.to_json()),
-        data=DataInfo(**{k: v for k, v in data.describe().items()}),
+        data=DataInfo(**data.describe()),
         alignment=alignment,
-        endpoints={
-            "a": {
-                "file": a.path_name,
-                "metrics": a.meta.get("metrics", {}),
-                "seed": a.meta.get("seed"),
-            },
-            "b": {
-                "file": b.path_name,
-                "metrics": b.meta.get("metrics", {}),
-                "seed": b.meta.get("seed"),
-            },
-        },
+        endpoints={"a": endpoint_record(a), "b": endpoint_record(b)},
         served_ts=ts,
         metrics=metrics,
         fit={
