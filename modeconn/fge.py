@@ -28,7 +28,6 @@ from modeconn.artifact import (
     ModelInfo,
     PathArtifact,
     compute_served_buffers,
-    save_artifact,
 )
 from modeconn.bn import has_batchnorm, parameter_names
 from modeconn.checkpoint import Checkpoint
@@ -38,7 +37,7 @@ from modeconn.fitting import MethodConfig
 from modeconn.io import load_tensors, save_tensors
 from modeconn.objective import model_objective
 from modeconn.paths import PointSet, stack_nodes, uniform_knots
-from modeconn.pipeline import endpoint_record, fit_state_file
+from modeconn.pipeline import endpoint_record, fit_state_file, save_fitted
 from modeconn.progress import progress_bar
 from modeconn.types import StateDict
 
@@ -344,8 +343,5 @@ def fge_artifact(
         seed=config.seed,
     )
     artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers)
-    if out is not None:
-        save_artifact(out, artifact)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+    save_fitted(out, artifact, checkpoint)
     return artifact, metrics

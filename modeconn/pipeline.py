@@ -26,7 +26,7 @@ from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
 from modeconn.methods import METHODS, connect, make_config
 
-__all__ = ["align_endpoints", "endpoint_record", "fit_artifact", "fit_state_file"]
+__all__ = ["align_endpoints", "endpoint_record", "fit_artifact", "fit_state_file", "save_fitted"]
 
 log = logging.getLogger("modeconn")
 
@@ -38,6 +38,17 @@ def endpoint_record(ckpt: Checkpoint) -> dict:
         "metrics": ckpt.meta.get("metrics", {}),
         "seed": ckpt.meta.get("seed"),
     }
+
+
+def save_fitted(
+    out: str | os.PathLike | None, artifact: PathArtifact, fit_state: FsPath | None
+) -> None:
+    """Save a finished fit (if ``out``) and drop its resumable state, which is no longer needed."""
+    if out is None:
+        return
+    save_artifact(out, artifact)
+    if fit_state is not None:
+        fit_state.unlink(missing_ok=True)
 
 
 def fit_state_file(out: str | os.PathLike | None, *, resume: bool) -> FsPath | None:
@@ -163,8 +174,5 @@ def fit_artifact(
         seed=config.seed,
     )
     artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers)
-    if out is not None:
-        save_artifact(out, artifact)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
+    save_fitted(out, artifact, checkpoint)
     return artifact, metrics or None
