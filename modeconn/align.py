@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from modeconn.types import StateDict
-from models.spec import PermutationSpec, apply_permutation, check_spec, group_sizes
+from models.spec import (
+    PermutationSpec,
+    apply_permutation,
+    axis_index,
+    axis_segments,
+    check_spec,
+    group_sizes,
+)
 
 __all__ = ["AlignmentResult", "weight_matching", "align_models", "matching_keys"]
 
@@ -64,12 +71,13 @@ class AlignmentResult:
 
 @dataclass(frozen=True)
 class _Term:
-    """One (weight, axis) pair that touches a group, prepared for the cost matrix."""
+    """One permuted segment of one matched tensor: the (key, axis, segment) a group touches."""
 
     key: str
-    a_flat: Tensor  # (n, m): A's tensor with the group's axis first, flattened, float64
-    b_moved: Tensor  # (n, *rest): B's tensor with the group's axis first, float64, contiguous
-    others: tuple[tuple[int, str], ...]  # (axis of b_moved, group) of every other permuted axis
+    axis: int
+    offset: int  # first element of the segment along `axis`
+    count: int  # the group's size: blocks in the segment
+    inner: int  # elements per block
 
 
 def matching_keys(state: Mapping[str, Tensor]) -> list[str]:
@@ -97,35 +105,48 @@ def _check_pair(
 
 
 def _prepare_terms(
-    spec: PermutationSpec,
-    a64: Mapping[str, Tensor],
-    b64: Mapping[str, Tensor],
-    sizes: Mapping[str, int],
+    spec: PermutationSpec, keys: Iterable[str], state: Mapping[str, Tensor], groups: Iterable[str]
 ) -> dict[str, list[_Term]]:
-    terms: dict[str, list[_Term]] = {group: [] for group in sizes}
-    for key in a64:
-        axes = spec[key]
-        for axis, group in enumerate(axes):
-            if group is None:
-                continue
-            n = sizes[group]
-            a_flat = a64[key].movedim(axis, 0).reshape(n, -1).contiguous()  # (n, m)
-            b_moved = b64[key].movedim(axis, 0).contiguous()  # (n, *rest)
-            # After movedim, original axis j < axis sits at j + 1, and j > axis stays at j.
-            others = tuple(
-                (j + 1 if j < axis else j, other)
-                for j, other in enumerate(axes)
-                if other is not None and j != axis
-            )
-            terms[group].append(_Term(key, a_flat, b_moved, others))
+    terms: dict[str, list[_Term]] = {group: [] for group in groups}
+    for key in keys:
+        shape = state[key].shape
+        for axis, entry in enumerate(spec[key]):
+            offset = 0
+            for group, count, inner in axis_segments(entry, shape[axis]):
+                if group is not None:
+                    terms[group].append(_Term(key, axis, offset, count, inner))
+                offset += count * inner
     return terms
 
 
-def _objective(
-    spec: PermutationSpec, a64: Mapping[str, Tensor], b64: Mapping[str, Tensor], perms
-) -> float:
-    permuted = apply_permutation(b64, {k: spec[k] for k in b64}, perms)
-    return float(sum(torch.vdot(a64[k].reshape(-1), permuted[k].reshape(-1)) for k in a64))
+def _segment_rows(x: Tensor, term: _Term) -> Tensor:
+    """The term's segment of ``x`` as float64 rows, one per block: ``(count, m)``."""
+    x = x.narrow(term.axis, term.offset, term.count * term.inner).movedim(term.axis, 0)
+    return x.reshape(term.count, -1).to(torch.float64)
+
+
+def _permute_others(
+    spec: PermutationSpec, key: str, x: Tensor, skip: int | None, perms: Mapping[str, Tensor]
+) -> Tensor:
+    """``x`` with every axis but ``skip`` permuted by the current ``perms``."""
+    for axis, entry in enumerate(spec[key]):
+        if axis == skip:
+            continue
+        index = axis_index(entry, x.shape[axis], perms, x.device)
+        if index is not None:
+            x = x.index_select(axis, index)
+    return x
+
+
+def _objective(spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perms):
+    """``sum_k <A_k, pi(B)_k>`` in float64, one tensor at a time (no copy of the whole state)."""
+    total = 0.0
+    for key in a:
+        permuted = _permute_others(spec, key, b[key], None, perms)
+        total += float(
+            torch.vdot(a[key].reshape(-1).to(torch.float64), permuted.reshape(-1).to(torch.float64))
+        )
+    return total
 
 
 def weight_matching(
@@ -174,15 +195,16 @@ def weight_matching(
         device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     device = torch.device(device)
 
-    # float64 copies of the matched tensors: cost sums over up to millions of products.
-    a64 = {k: state_a[k].detach().to(device=device, dtype=torch.float64) for k in keys}
-    b64 = {k: state_b[k].detach().to(device=device, dtype=torch.float64) for k in keys}
-    terms = _prepare_terms(spec, a64, b64, sizes)
+    # The matched tensors stay in their own dtype; each cost term is cast to float64 on the fly
+    # (sums over millions of products), so the only full copy made is the permuted result.
+    a = {k: state_a[k].detach().to(device) for k in keys}
+    b = {k: state_b[k].detach().to(device) for k in keys}
+    terms = _prepare_terms(spec, keys, state_a, sizes)
     groups = sorted(g for g in sizes if terms[g])
     perms = {g: torch.arange(sizes[g], device=device) for g in sorted(sizes)}
 
     generator = torch.Generator().manual_seed(seed)
-    objective = [_objective(spec, a64, b64, perms)]
+    objective = [_objective(spec, a, b, perms)]
     logger.info("weight matching: %d groups, identity objective %.6g", len(groups), objective[0])
     lsa_seconds, lsa_calls, sweeps, converged = 0.0, 0, 0, False
     for sweep in range(max_iter):
@@ -192,10 +214,9 @@ def weight_matching(
             n = sizes[group]
             cost = torch.zeros(n, n, dtype=torch.float64, device=device)  # (n, n)
             for term in terms[group]:
-                b = term.b_moved  # (n, *rest)
-                for axis, other in term.others:
-                    b = b.index_select(axis, perms[other])
-                cost += term.a_flat @ b.reshape(n, -1).T  # (n, m) @ (m, n) -> (n, n)
+                b_other = _permute_others(spec, term.key, b[term.key], term.axis, perms)
+                # (n, m) @ (m, n) -> (n, n): A's blocks against B's, other axes aligned.
+                cost += _segment_rows(a[term.key], term) @ _segment_rows(b_other, term).T
             c = cost.cpu().numpy()
             tic = time.perf_counter()
             _, cols = linear_sum_assignment(c, maximize=True)
@@ -208,7 +229,7 @@ def weight_matching(
                 perms[group] = torch.as_tensor(cols, dtype=torch.long, device=device)
                 improved = True
         sweeps = sweep + 1
-        objective.append(_objective(spec, a64, b64, perms))
+        objective.append(_objective(spec, a, b, perms))
         logger.info(
             "weight matching sweep %d: objective %.6g (gain %.3g)",
             sweeps,
