@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeconn.align import weight_matching  # noqa: E402
-from models import create_model  # noqa: E402
+from models import create_model, infer_spec  # noqa: E402
 
 # name -> (registered model, input shape, kwargs)
 CASES = {
@@ -35,7 +35,7 @@ def _bench_case(name: str, shape, kwargs, repeats: int, device: str) -> dict:
         torch.manual_seed(seed)
         model = create_model(name, shape, 10, **kwargs)
         states.append({k: v.to(device) for k, v in model.state_dict().items()})
-    spec = model.permutation_spec()
+    spec = infer_spec(model, torch.zeros(2, *shape)).spec
     weight_matching(spec, *states, device=device)  # warm-up (allocator, BLAS threads)
     runs = [weight_matching(spec, *states, device=device) for _ in range(repeats)]
     seconds = [r.seconds for r in runs]

@@ -8,7 +8,8 @@ the straight line between them, which is why every path in this library starts f
 endpoints.
 
 The objective is ``sum_k <A_k, pi(B)_k>`` over the weight tensors ``k``. It is maximised by
-coordinate ascent over the permutation groups of a :data:`models.spec.PermutationSpec`: with
+coordinate ascent over the permutation groups of a :data:`models.spec.PermutationSpec` (inferred
+from the network's graph by :mod:`models.infer` unless given): with
 every other group fixed, the objective is linear in one group's permutation matrix, so one
 linear assignment problem (``scipy.optimize.linear_sum_assignment``) solves that group exactly.
 """
@@ -36,7 +37,7 @@ from models.spec import (
     group_sizes,
 )
 
-__all__ = ["AlignmentResult", "weight_matching", "align_models", "matching_keys"]
+__all__ = ["AlignmentResult", "align", "weight_matching", "align_models", "matching_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,26 +260,35 @@ def weight_matching(
     )
 
 
-@torch.no_grad()
 def align_models(
     model: nn.Module,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     probe_inputs: Tensor,
     *,
+    spec: PermutationSpec | None = None,
     max_iter: int = 100,
     seed: int = 0,
     atol: float = 1e-4,
 ) -> AlignmentResult:
-    """Weight-match ``state_b`` onto ``state_a`` with ``model.permutation_spec()``, then check it.
+    """Weight-match ``state_b`` onto ``state_a``, with a spec proven on the network first.
 
-    The check runs ``model`` in eval mode with B and with the permuted B on ``probe_inputs``:
-    a permutation must not change the function, so the largest output difference, relative to
-    ``max(1, max |output|)``, must stay below ``atol``; a ``RuntimeError`` quoting it is raised
-    otherwise (the sign of a wrong permutation spec). Only parameters are matched; every key,
-    BatchNorm running statistics included, is permuted. The module is left as it was.
+    ``spec`` defaults to the one inferred from ``model``'s graph (:func:`models.infer.infer_spec`).
+    Either way it is proven before use: a random permutation of A must leave the outputs on
+    ``probe_inputs`` unchanged (:func:`models.verify.check_permutation_invariance`, float64).
+    After matching, B and the permuted B are compared the same way (float32, relative ``atol``);
+    a ``RuntimeError`` quoting the difference is raised otherwise. Only parameters are matched;
+    every key, BatchNorm running statistics included, is permuted. The module is left as it was.
     """
-    spec = model.permutation_spec()
+    from models.infer import infer_spec
+    from models.verify import check_permutation_invariance
+
+    device = next(iter(state_b.values())).device
+    x = probe_inputs.to(device)
+    if spec is None:
+        spec = infer_spec(model, x[:2]).spec
+    check_spec(spec, state_a)
+    check_permutation_invariance(model, spec, x[:32], state=state_a, seed=seed)
     params = [name for name, _ in model.named_parameters()]
     result = weight_matching(
         spec,
@@ -291,10 +301,9 @@ def align_models(
     was_training = model.training
     model.eval()
     try:
-        device = next(iter(state_b.values())).device
-        x = probe_inputs.to(device)
-        before = functional_call(model, dict(state_b), (x,))
-        after = functional_call(model, result.state, (x,))
+        with torch.no_grad():
+            before = functional_call(model, dict(state_b), (x,))
+            after = functional_call(model, result.state, (x,))
     finally:
         model.train(was_training)
     scale = max(1.0, float(before.abs().max()))
@@ -302,8 +311,38 @@ def align_models(
     if not diff <= atol:
         raise RuntimeError(
             f"permuted B computes a different function: max |f(pi(B)) - f(B)| / {scale:.3g} = "
-            f"{diff:.3g} > atol={atol:g} on {len(x)} probe inputs; the model's permutation_spec() "
-            "is probably wrong (a group applied to a layer's output but not to its consumers)"
+            f"{diff:.3g} > atol={atol:g} on {len(x)} probe inputs; the permutation spec is "
+            "probably wrong (a group applied to a layer's output but not to its consumers)"
         )
     logger.info("alignment verified on %d probe inputs: relative max diff %.3g", len(x), diff)
     return result
+
+
+def align(
+    model: nn.Module,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    inputs: Tensor | None = None,
+    *,
+    spec: PermutationSpec | None = None,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> AlignmentResult:
+    """Permute ``state_b``'s hidden units onto ``state_a``'s (Git Re-Basin weight matching).
+
+    Works on any ``nn.Module``: the permutation spec is inferred from the traced graph unless
+    ``spec`` is given, and proven on the network before use. ``inputs`` is a batch the model
+    accepts (real data is best); it may be omitted for models built by ``models.create_model``,
+    which record their input shape (random inputs are used then). Returns an
+    :class:`AlignmentResult` whose ``state`` is B permuted, computing the same function as B.
+    """
+    if inputs is None:
+        config = getattr(model, "modeconn_config", None)
+        if config is None:
+            raise ValueError(
+                f"align({type(model).__name__}, ...) needs inputs=: a batch the model accepts "
+                "(e.g. 64 training inputs), to trace the network and prove its permutation spec"
+            )
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(64, *config["input_shape"], generator=generator)
+    return align_models(model, state_a, state_b, inputs, spec=spec, max_iter=max_iter, seed=seed)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from modeconn.types import StateDict
 
-__all__ = ["atomic_file", "atomic_dir", "save_tensors", "load_tensors", "META_KEY"]
+__all__ = ["atomic_file", "atomic_dir", "save_tensors", "load_tensors", "load_meta", "META_KEY"]
 
 #: The safetensors metadata key under which modeconn stores its JSON description.
 META_KEY = "modeconn"
@@ -77,19 +77,27 @@ def save_tensors(path: str | os.PathLike, tensors: StateDict, meta: dict | None 
 
 def load_tensors(path: str | os.PathLike, *, what: str = "file") -> tuple[StateDict, dict]:
     """Read a safetensors file written by :func:`save_tensors`: ``(tensors, meta)``."""
+    meta = load_meta(path, what=what)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors {what} ({err})") from err
+    return tensors, meta
+
+
+def load_meta(path: str | os.PathLike, *, what: str = "file") -> dict:
+    """The JSON metadata of a safetensors file (``{}`` if it has none), from its header only."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors {what} ({err})") from err
     try:
-        meta = json.loads(metadata.get(META_KEY, "{}"))
+        return json.loads(metadata.get(META_KEY, "{}"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its modeconn metadata is not valid JSON ({err})") from err
-    return tensors, meta

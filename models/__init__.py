@@ -1,11 +1,15 @@
-"""Network architectures, their registry, and their permutation specs.
+"""Network architectures, their registry, and the permutation spec of any network.
 
-Importing this package registers every architecture (``mlp``, ``cnn``, ``resnet20``).
+Importing this package registers every architecture (``mlp``, ``cnn``, ``resnet20``). The
+permutation spec of a network (ours or anyone's) is inferred from its traced graph
+(:mod:`models.infer`) and proven on the network (:mod:`models.verify`).
 """
 
 from models import cnn, mlp, resnet  # noqa: F401  (imported for their registrations)
+from models.infer import InferredSpec, infer_spec
 from models.registry import create_model, list_models, register_model
 from models.spec import PermutationSpec, apply_permutation, random_permutation
+from models.verify import check_permutation_invariance
 
 __all__ = [
     "create_model",
@@ -14,4 +18,7 @@ __all__ = [
     "PermutationSpec",
     "apply_permutation",
     "random_permutation",
+    "infer_spec",
+    "InferredSpec",
+    "check_permutation_invariance",
 ]

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.registry import register_model
-from models.spec import PermutationSpec
 
 __all__ = ["CNN", "cnn"]
 
@@ -77,26 +76,6 @@ class CNN(nn.Module):
                 x = F.max_pool2d(x, 2)  # (N, C_s, H/2, W/2)
         x = x.mean(dim=(2, 3))  # (N, C_last): global average pool
         return self.head(x)  # (N, num_classes)
-
-    def permutation_spec(self) -> PermutationSpec:
-        spec: PermutationSpec = {}
-        prev: str | None = None  # input channels are not permutable
-        for s, stage in enumerate(self.stages):
-            for j, _ in enumerate(stage):
-                name = f"stages.{s}.{j}"
-                group = f"P_{name}"
-                spec[f"{name}.conv.weight"] = (group, prev, None, None)
-                if self.norm_kind == "none":
-                    spec[f"{name}.conv.bias"] = (group,)
-                else:
-                    for leaf in ("weight", "bias", "running_mean", "running_var"):
-                        spec[f"{name}.norm.{leaf}"] = (group,)
-                    spec[f"{name}.norm.num_batches_tracked"] = ()
-                prev = group
-        # Global average pooling keeps one feature per channel: the head's input is `prev`.
-        spec["head.weight"] = (None, prev)
-        spec["head.bias"] = (None,)
-        return spec
 
 
 @register_model("cnn")

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.registry import register_model
-from models.spec import PermutationSpec
 
 __all__ = ["MLP", "mlp"]
 
@@ -47,18 +46,6 @@ class MLP(nn.Module):
         for layer in self.layers:
             x = self._act(layer(x))  # (N, width)
         return self.head(x)  # (N, num_classes)
-
-    def permutation_spec(self) -> PermutationSpec:
-        spec: PermutationSpec = {}
-        prev: str | None = None  # the input features are not permutable
-        for i in range(len(self.layers)):
-            group = f"P_layers.{i}"
-            spec[f"layers.{i}.weight"] = (group, prev)
-            spec[f"layers.{i}.bias"] = (group,)
-            prev = group
-        spec["head.weight"] = (None, prev)
-        spec["head.bias"] = (None,)
-        return spec
 
 
 @register_model("mlp")

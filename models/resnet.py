@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.registry import register_model
-from models.spec import PermutationSpec
 
 __all__ = ["ResNet", "BasicBlock", "resnet20"]
 
@@ -21,15 +20,6 @@ _NORMS = ("bn", "ln")
 
 def _norm(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "bn" else nn.GroupNorm(1, channels)
-
-
-def _norm_spec(prefix: str, group: str, kind: str) -> PermutationSpec:
-    spec: PermutationSpec = {f"{prefix}.weight": (group,), f"{prefix}.bias": (group,)}
-    if kind == "bn":
-        spec[f"{prefix}.running_mean"] = (group,)
-        spec[f"{prefix}.running_var"] = (group,)
-        spec[f"{prefix}.num_batches_tracked"] = ()
-    return spec
 
 
 class BasicBlock(nn.Module):
@@ -96,30 +86,6 @@ class ResNet(nn.Module):
                 x = block(x)  # (N, C_s, H_s, W_s)
         x = x.mean(dim=(2, 3))  # (N, 64w): global average pool
         return self.head(x)  # (N, num_classes)
-
-    def permutation_spec(self) -> PermutationSpec:
-        """One stream permutation per stage (stem, shortcuts, block outputs) plus one inside
-        every block (between conv1 and conv2)."""
-        spec: PermutationSpec = {}
-        stream = "P_stage0"  # the stem writes the stage-0 residual stream
-        spec["conv.weight"] = (stream, None, None, None)
-        spec.update(_norm_spec("norm", stream, self.norm_kind))
-        for s, stage in enumerate(self.stages):
-            prev_stream, stream = stream, f"P_stage{s}"
-            for b, block in enumerate(stage):
-                name = f"stages.{s}.{b}"
-                inner = f"P_{name}.inner"
-                block_in = prev_stream if b == 0 else stream
-                spec[f"{name}.conv1.weight"] = (inner, block_in, None, None)
-                spec.update(_norm_spec(f"{name}.norm1", inner, self.norm_kind))
-                spec[f"{name}.conv2.weight"] = (stream, inner, None, None)
-                spec.update(_norm_spec(f"{name}.norm2", stream, self.norm_kind))
-                if block.shortcut is not None:
-                    spec[f"{name}.shortcut.0.weight"] = (stream, block_in, None, None)
-                    spec.update(_norm_spec(f"{name}.shortcut.1", stream, self.norm_kind))
-        spec["head.weight"] = (None, stream)
-        spec["head.bias"] = (None,)
-        return spec
 
 
 @register_model("resnet20")

@@ -80,7 +80,9 @@ def check_permutation_invariance(
             (
                 g
                 for g in perms
-                if float((run(apply_permutation(state, spec, {g: perms[g]})) - expected).abs().max())
+                if float(
+                    (run(apply_permutation(state, spec, {g: perms[g]})) - expected).abs().max()
+                )
                 / scale
                 > atol
             ),

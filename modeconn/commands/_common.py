@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from modeconn.checkpoint import Checkpoint, load_checkpoint
+from modeconn.checkpoint import Checkpoint, ModelSpec, load_checkpoint, stored_model
 from modeconn.data import DATA_KINDS, Dataset, load_data
 
 log = logging.getLogger("modeconn")
@@ -18,7 +18,7 @@ log = logging.getLogger("modeconn")
 
 def add_data(parser: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
     hint = (
-        "default: the data set the endpoints were trained on"
+        "default: the data set the endpoints were trained on, else digits"
         if default is None
         else "default: %(default)s"
     )
@@ -59,19 +59,112 @@ def parse_kv(items: list[str] | None, what: str = "--arg") -> dict:
     return out
 
 
-def load_endpoint(path: str) -> Checkpoint:
-    return load_checkpoint(path)
+def add_model(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
+    """``--model NAME`` and repeatable ``--arg KEY=VALUE``, for every command that builds a model."""
+    from models import list_models
+    from models.external import EXTERNAL_FORMS
+
+    when = (
+        f"default: {default}"
+        if default
+        else "needed for plain state dicts; files written by modeconn name their own"
+    )
+    parser.add_argument(
+        "--model",
+        default=default,
+        metavar="NAME",
+        help=f"a registered name ({', '.join(list_models())}), {EXTERNAL_FORMS} ({when})",
+    )
+    parser.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model keyword argument, repeatable (e.g. --arg width=16 --arg depth=2); "
+        "--arg num_classes=N overrides the data's number of classes",
+    )
 
 
-def load_pair(path_a: str, path_b: str) -> tuple[Checkpoint, Checkpoint]:
-    """Two endpoints of one architecture, or a clear error."""
-    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+def model_spec(args: argparse.Namespace, data: Dataset) -> ModelSpec:
+    """The model ``--model``/``--arg`` name, for inputs of ``data``'s shape.
+
+    The number of classes is ``--arg num_classes=N`` if given (a checkpoint trained for more
+    classes than the data has), else the data's.
+    """
+    kwargs = parse_kv(args.arg)
+    num_classes = kwargs.pop("num_classes", data.num_classes)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"--arg num_classes must be an integer >= 2, got {num_classes!r}")
+    return ModelSpec(
+        name=args.model,
+        input_shape=tuple(data.input_shape),
+        num_classes=num_classes,
+        kwargs=kwargs,
+    )
+
+
+def load_endpoint(path: str, args: argparse.Namespace) -> tuple[Checkpoint, Dataset]:
+    """One endpoint and the data to use with it (``--data``, else its own data set)."""
+    (ckpt,), data = _load_endpoints([path], args)
+    return ckpt, data
+
+
+def load_pair(
+    path_a: str, path_b: str, args: argparse.Namespace
+) -> tuple[Checkpoint, Checkpoint, Dataset]:
+    """Two endpoints of one architecture and the data to use with them, or a clear error."""
+    (a, b), data = _load_endpoints([path_a, path_b], args)
     if a.model != b.model:
         raise ValueError(
             f"A and B are different architectures: {path_a} is {_describe(a)}, "
             f"{path_b} is {_describe(b)}"
         )
-    return a, b
+    return a, b, data
+
+
+def _load_endpoints(paths: list[str], args: argparse.Namespace) -> tuple[list[Checkpoint], Dataset]:
+    """Files written by modeconn name their model and data set. A plain state dict takes the
+    model from ``--model``/``--arg`` (or from a file beside it that names one) and its input
+    shape and number of classes from the data, so for it the data is loaded first."""
+    stored = [stored_model(p) for p in paths]  # None for a plain state dict
+    described = {p: load_checkpoint(p) for p, s in zip(paths, stored) if s is not None}
+    for ckpt in described.values():
+        _check_model_option(args, ckpt)
+    if len(described) == len(paths):
+        ckpts = [described[p] for p in paths]
+        return ckpts, data_for(args.data, ckpts[0])
+    first = next(iter(described.values()), None)
+    data = load_data(args.data or (first and first.meta.get("data")) or "digits")
+    if first is not None:
+        spec = first.model  # --model and --arg, if given, were checked against it above
+    elif args.model is not None:
+        spec = model_spec(args, data)
+    else:
+        plain = next(p for p, s in zip(paths, stored) if s is None)
+        raise ValueError(
+            f"{plain} is a plain state dict that does not name its model: give --model NAME "
+            "(and --arg KEY=VALUE for its arguments)"
+        )
+    ckpts = [described.get(p) or load_checkpoint(p, model=spec) for p in paths]
+    check_data_fits(data, ckpts[0])
+    return ckpts, data
+
+
+def _check_model_option(args: argparse.Namespace, ckpt: Checkpoint) -> None:
+    """``--model``/``--arg`` are for plain state dicts; for a file that names its own model
+    they may only repeat it."""
+    m = ckpt.model
+    if args.model is not None and args.model != m.name:
+        raise ValueError(
+            f"{ckpt.path_name} holds a {m.name} model, not --model {args.model}; drop --model "
+            "for files written by modeconn"
+        )
+    stored = {**m.kwargs, "num_classes": m.num_classes}
+    clash = [f"{k}={v!r}" for k, v in parse_kv(args.arg).items() if stored.get(k, ...) != v]
+    if clash:
+        raise ValueError(
+            f"{ckpt.path_name} holds {_describe(ckpt)}, which --arg {', '.join(clash)} "
+            "contradicts; drop --arg for files written by modeconn"
+        )
 
 
 def _describe(ckpt: Checkpoint) -> str:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 
-from modeconn.commands._common import add_data, data_for, load_pair
+from modeconn.commands._common import add_data, add_model, load_pair
 
 
 def register(sub) -> None:
     p = sub.add_parser("align", help="permute B onto A by weight matching", description=__doc__)
-    p.add_argument("a", help="endpoint A (.safetensors)")
+    p.add_argument("a", help="endpoint A (.safetensors, or a plain state dict with --model)")
     p.add_argument("b", help="endpoint B, to be permuted")
     p.add_argument("--out", required=True, help="output .safetensors file for the permuted B")
     add_data(p, default=None)
+    add_model(p)
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the order in which groups are visited"
     )
@@ -41,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
     if args.max_iter < 1:
         raise ValueError(f"--max-iter must be >= 1, got {args.max_iter}")
-    a, b = load_pair(args.a, args.b)
-    data = data_for(args.data, a)
+    a, b, data = load_pair(args.a, args.b, args)
     state, record = align_endpoints(a, b, data, seed=args.seed, max_iter=args.max_iter)
     model = a.build_model()
     save_checkpoint(

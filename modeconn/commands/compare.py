@@ -9,8 +9,8 @@ from rich.table import Table
 from modeconn.commands._common import (
     add_data,
     add_device,
+    add_model,
     console,
-    data_for,
     load_pair,
     resolve_device,
     write_json,
@@ -23,9 +23,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "compare", help="compare connection methods side by side", description=__doc__
     )
-    p.add_argument("a", help="endpoint A (.safetensors)")
+    p.add_argument("a", help="endpoint A (.safetensors, or a plain state dict with --model)")
     p.add_argument("b", help="endpoint B")
     add_data(p, default=None)
+    add_model(p)
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
@@ -104,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
             params = yaml.safe_load(handle) or {}
         if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
             raise ValueError(f"{args.config} must map method names to option mappings")
-    a, b = load_pair(args.a, args.b)
-    data = data_for(args.data, a)
+    a, b, data = load_pair(args.a, args.b, args)
     rows, evaluations = compare(
         a,
         b,

@@ -16,7 +16,7 @@ import yaml
 from modeconn.commands._common import (
     add_data,
     add_device,
-    data_for,
+    add_model,
     load_pair,
     parse_kv,
     resolve_device,
@@ -56,13 +56,16 @@ def register(sub) -> None:
     p = sub.add_parser(
         "connect", help="fit a low-loss path between two endpoints", description=__doc__
     )
-    p.add_argument("a", help="endpoint A (.safetensors from `modeconn train`)")
+    p.add_argument(
+        "a", help="endpoint A (.safetensors from `modeconn train`, or a plain state dict)"
+    )
     p.add_argument("b", help="endpoint B (same architecture)")
     p.add_argument(
         "--method", default="linear", help=f"one of: {', '.join(METHODS)} (default: linear)"
     )
     p.add_argument("--out", required=True, help="artifact directory to write")
     add_data(p, default=None)
+    add_model(p)
     p.add_argument("--align", action="store_true", help="permute B onto A (weight matching) first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="F.yaml", help="method options from a YAML file")
@@ -135,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = method_params(args)
     device = resolve_device(args.device)
-    a, b = load_pair(args.a, args.b)
-    data = data_for(args.data, a)
+    a, b, data = load_pair(args.a, args.b, args)
     artifact, metrics = fit_artifact(
         a,
         b,

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from modeconn.commands._common import add_data, add_device, data_for, load_endpoint, resolve_device
+from modeconn.commands._common import (
+    add_data,
+    add_device,
+    add_model,
+    load_endpoint,
+    resolve_device,
+)
 
 
 def _fields():
@@ -23,9 +29,12 @@ def register(sub) -> None:
     p = sub.add_parser(
         "fge", help="Fast Geometric Ensembling from one trained endpoint", description=__doc__
     )
-    p.add_argument("a", help="trained endpoint (.safetensors from `modeconn train`)")
+    p.add_argument(
+        "a", help="trained endpoint (.safetensors from `modeconn train`, or a plain state dict)"
+    )
     p.add_argument("--out", required=True, help="artifact directory to write")
     add_data(p, default=None)
+    add_model(p)
     p.add_argument("--seed", type=int, default=0, help="shuffling seed")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
     add_device(p)
@@ -48,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     params["seed"] = args.seed
     make_fge_config(**params)  # bad options fail before any file is read
     device = resolve_device(args.device)
-    a = load_endpoint(args.a)
-    data = data_for(args.data, a)
+    a, data = load_endpoint(args.a, args)
     artifact, metrics = fge_artifact(
         a,
         data,

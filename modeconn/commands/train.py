@@ -8,20 +8,14 @@ import time
 import torch
 
 from modeconn.checkpoint import save_checkpoint
-from modeconn.commands._common import add_data, add_device, parse_kv, resolve_device
+from modeconn.commands._common import add_data, add_device, add_model, model_spec, resolve_device
 from modeconn.data import load_data
 from modeconn.train import TrainConfig, train_model
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train an endpoint network", description=__doc__)
-    p.add_argument("--model", default="mlp", help="registered model name (default: mlp)")
-    p.add_argument(
-        "--arg",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model keyword argument, repeatable (e.g. --arg width=16 --arg depth=2)",
-    )
+    add_model(p, default="mlp")
     add_data(p)
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     defaults = TrainConfig()
@@ -37,8 +31,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models import create_model
-
     device = resolve_device(args.device)
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
@@ -51,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
-    model = create_model(args.model, data.input_shape, data.num_classes, **parse_kv(args.arg))
+    model = model_spec(args, data).build()
     start = time.perf_counter()
     metrics = train_model(model, data, config, device=device, progress=args.progress)
     seconds = time.perf_counter() - start
