@@ -18,6 +18,7 @@ __all__ = ["main", "build_parser"]
 #: Sub-command modules, in the order ``--help`` lists them.
 COMMANDS = (
     "train",
+    "spec",
     "align",
     "connect",
     "eval_path",

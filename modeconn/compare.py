@@ -24,6 +24,7 @@ from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path
 from modeconn.methods import METHODS, connect, make_config
 from modeconn.types import Energy
+from models.spec import PermutationSpec
 
 __all__ = ["ComparisonRow", "compare", "compare_energy", "DEFAULT_METHODS"]
 
@@ -63,7 +64,7 @@ def _file_digest(path: str) -> str:
 
 
 def _cache_key(
-    a: Checkpoint, b: Checkpoint, data: Dataset, method: str, config: dict, aligned: bool
+    a: Checkpoint, b: Checkpoint, data: Dataset, method: str, config: dict, aligned
 ) -> str:
     blob = json.dumps(
         {
@@ -72,7 +73,7 @@ def _cache_key(
             "data": data.fingerprint(),
             "method": method,
             "config": config,
-            "aligned": aligned,
+            "aligned": aligned,  # False, or the spec used ("inferred" when derived)
         },
         sort_keys=True,
     )
@@ -93,11 +94,13 @@ def compare(
     progress: bool = False,
     reuse: bool = True,
     eval_points: int = 61,
+    spec: PermutationSpec | None = None,
 ) -> tuple[list[ComparisonRow], dict[str, dict]]:
     """Fit and evaluate ``methods`` between ``a`` and ``b``; returns rows and evaluations by label.
 
     Artifacts go to ``out_dir/<label>``. With ``align`` every method connects A to the aligned
-    B, and the unaligned straight line is added as the baseline.
+    B (permuted with ``spec``, default: inferred from the graph), and the unaligned straight line
+    is added as the baseline.
     """
     from modeconn.artifact import load_artifact
     from modeconn.pipeline import fit_artifact
@@ -118,7 +121,7 @@ def compare(
     evaluations: dict[str, dict] = {}
     for label, method, aligned in runs:
         config = make_config(method, **params.get(method, {})).model_dump()
-        key = _cache_key(a, b, data, method, config, aligned)
+        key = _cache_key(a, b, data, method, config, aligned and (spec or "inferred"))
         target = out_dir / label
         artifact = None
         reused = False
@@ -139,6 +142,7 @@ def compare(
                 method,
                 out=target,
                 align=aligned,
+                spec=spec,
                 params=config,
                 device=device,
                 progress=progress,

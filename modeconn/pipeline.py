@@ -25,6 +25,7 @@ from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
 from modeconn.methods import METHODS, connect, make_config
+from models.spec import PermutationSpec
 
 __all__ = ["align_endpoints", "endpoint_record", "fit_artifact", "fit_state_file", "save_fitted"]
 
@@ -66,16 +67,27 @@ def fit_state_file(out: str | os.PathLike | None, *, resume: bool) -> FsPath | N
 
 
 def align_endpoints(
-    a: Checkpoint, b: Checkpoint, data: Dataset, *, seed: int = 0, max_iter: int = 100
+    a: Checkpoint,
+    b: Checkpoint,
+    data: Dataset,
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    spec: PermutationSpec | None = None,
 ) -> tuple[dict, dict]:
-    """Permute B onto A by weight matching; returns ``(B's permuted state, alignment record)``."""
+    """Permute B onto A by weight matching; returns ``(B's permuted state, alignment record)``.
+
+    ``spec`` (default: inferred from the network's graph) is proven on A and the data first.
+    """
     from modeconn.align import align_models
 
     model = a.build_model()
     probe = data.x_train[:128]
-    result = align_models(model, a.state, b.state, probe, max_iter=max_iter, seed=seed)
+    result = align_models(model, a.state, b.state, probe, max_iter=max_iter, seed=seed, spec=spec)
     record = {
         "method": "weight_matching",
+        "spec": "inferred" if spec is None else "given",
+        "groups": len(result.perms),
         "seed": seed,
         "sweeps": result.sweeps,
         "objective_start": result.objective[0],
@@ -107,17 +119,19 @@ def fit_artifact(
     eval_points: int = 61,
     served_ts: list[float] | None = None,
     cache_key: str | None = None,
+    spec: PermutationSpec | None = None,
 ) -> tuple[PathArtifact, dict | None]:
     """Fit ``method`` between endpoints ``a`` and ``b`` and (if ``out``) save the artifact.
 
     Returns the artifact and the path evaluation (``None`` when ``eval_points`` is 0).
+    With ``align``, B is first permuted onto A with ``spec`` (default: inferred from the graph).
     """
     params = dict(params or {})
     config = make_config(method, **params)  # fail on bad options before any work
     model = a.build_model()
     state_b, alignment = b.state, None
     if align:
-        state_b, alignment = align_endpoints(a, b, data, seed=config.seed)
+        state_b, alignment = align_endpoints(a, b, data, seed=config.seed, spec=spec)
     checkpoint = fit_state_file(out, resume=resume) if method != "linear" else None
     stats: dict = {}
     start = time.perf_counter()

@@ -84,6 +84,31 @@ def add_model(parser: argparse.ArgumentParser, *, default: str | None = None) ->
     )
 
 
+def add_spec(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spec",
+        metavar="FILE.json",
+        help="permutation spec to align with (as `modeconn spec --out` writes it); default: "
+        "inferred from the network's graph. Either way it is proven on the data before use",
+    )
+
+
+def load_spec(path: str | None):
+    """The permutation spec in ``path`` (JSON), or None when no file is given."""
+    if path is None:
+        return None
+    from models.spec import spec_from_json
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--spec {path}: no such file")
+    try:
+        obj = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--spec {path} is not valid JSON: {err}") from err
+    return spec_from_json(obj, source=str(path))
+
+
 def model_spec(args: argparse.Namespace, data: Dataset) -> ModelSpec:
     """The model ``--model``/``--arg`` name, for inputs of ``data``'s shape.
 

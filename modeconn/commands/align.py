@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from modeconn.commands._common import add_data, add_model, load_pair
+from modeconn.commands._common import add_data, add_model, add_spec, load_pair, load_spec
 
 
 def register(sub) -> None:
@@ -19,6 +19,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file for the permuted B")
     add_data(p, default=None)
     add_model(p)
+    add_spec(p)
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the order in which groups are visited"
     )
@@ -43,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_iter < 1:
         raise ValueError(f"--max-iter must be >= 1, got {args.max_iter}")
     a, b, data = load_pair(args.a, args.b, args)
-    state, record = align_endpoints(a, b, data, seed=args.seed, max_iter=args.max_iter)
+    state, record = align_endpoints(
+        a, b, data, seed=args.seed, max_iter=args.max_iter, spec=load_spec(args.spec)
+    )
     model = a.build_model()
     save_checkpoint(
         args.out,

@@ -10,8 +10,10 @@ from modeconn.commands._common import (
     add_data,
     add_device,
     add_model,
+    add_spec,
     console,
     load_pair,
+    load_spec,
     resolve_device,
     write_json,
 )
@@ -27,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("b", help="endpoint B")
     add_data(p, default=None)
     add_model(p)
+    add_spec(p)
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         reuse=not args.no_reuse,
         eval_points=args.points,
+        spec=load_spec(args.spec),
     )
     print_comparison(rows)
     if args.json:

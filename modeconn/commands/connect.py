@@ -17,7 +17,9 @@ from modeconn.commands._common import (
     add_data,
     add_device,
     add_model,
+    add_spec,
     load_pair,
+    load_spec,
     parse_kv,
     resolve_device,
 )
@@ -67,6 +69,7 @@ def register(sub) -> None:
     add_data(p, default=None)
     add_model(p)
     p.add_argument("--align", action="store_true", help="permute B onto A (weight matching) first")
+    add_spec(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", metavar="F.yaml", help="method options from a YAML file")
     p.add_argument(
@@ -146,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         args.method,
         out=args.out,
         align=args.align,
+        spec=load_spec(args.spec),
         params=params,
         device=device,
         progress=args.progress,
