@@ -271,6 +271,62 @@ _NON_TENSOR = {operator.getitem, getattr, torch._assert, "size", "dim"}
 _STOCHASTIC_DEPTH_NAMES = {"stochastic_depth", "drop_path"}
 
 
+def _aten_aliases() -> dict[Any, Any]:
+    """``torch.export`` graphs call ATen operators: each maps to the key of the same operation
+    in the tables above (or to a name handled in :meth:`_SpecBuilder.call`)."""
+    aten = torch.ops.aten
+    pairs = {
+        torch.relu: ["relu", "relu_"],
+        F.gelu: ["gelu"],
+        F.silu: ["silu", "silu_"],
+        torch.sigmoid: ["sigmoid"],
+        torch.tanh: ["tanh"],
+        F.hardswish: ["hardswish", "hardswish_"],
+        F.hardsigmoid: ["hardsigmoid"],
+        F.hardtanh: ["hardtanh", "hardtanh_"],
+        F.dropout: ["dropout", "alias", "clone", "contiguous", "detach", "_to_copy"],
+        torch.softmax: ["softmax", "_softmax"],
+        torch.log_softmax: ["log_softmax", "_log_softmax"],
+        operator.add: ["add", "add_"],
+        operator.sub: ["sub", "sub_"],
+        operator.mul: ["mul", "mul_"],
+        operator.truediv: ["div", "div_"],
+        torch.cat: ["cat", "concat"],
+        "view": ["view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze"],
+        "permute": ["permute"],
+        "transpose": ["transpose"],
+        "expand": ["expand"],
+        torch.mean: ["mean", "sum", "amax", "amin"],
+        F.adaptive_avg_pool2d: [
+            "adaptive_avg_pool1d",
+            "adaptive_avg_pool2d",
+            "avg_pool1d",
+            "avg_pool2d",
+            "max_pool1d",
+            "max_pool2d",
+        ],
+        F.layer_norm: ["layer_norm"],
+        F.linear: ["linear"],
+        torch.matmul: ["matmul"],
+        torch.chunk: ["chunk", "split"],
+        "conv": ["conv1d", "conv2d", "conv3d"],
+        "batch_norm": ["batch_norm", "_native_batch_norm_legit_no_training"],
+        "group_norm": ["group_norm"],
+    }
+    aliases: dict[Any, Any] = {}
+    for key, names in pairs.items():
+        for name in names:
+            packet = getattr(aten, name, None)
+            if packet is None:
+                continue
+            for overload in packet.overloads():
+                aliases[getattr(packet, overload)] = key
+    return aliases
+
+
+_ATEN = _aten_aliases()
+
+
 class _SpecBuilder:
     """Walks the graph once, joining and fixing vars; :meth:`result` turns them into a spec."""
 
@@ -282,6 +338,7 @@ class _SpecBuilder:
         self.name: list[str | None] = []  # producer name, None for a parameter placeholder
         self.size: list[int] = []
         self.fixed: dict[int, str] = {}  # root -> first reason
+        self.refined: dict[int, Layout] = {}  # root -> its parts, when split (see _refine)
         self.keys: dict[str, list[Layout | None]] = {}  # state key -> layout of each axis
         self.values: dict[fx.Node, Any] = {}  # node -> layouts (tuple of Layout) or a list
         self.fx_params: dict[str, str] = {}  # export placeholder name -> state key
@@ -311,8 +368,55 @@ class _SpecBuilder:
         self.parent[rb] = ra  # the older var names the set
         if rb in self.fixed and ra not in self.fixed:
             self.fixed[ra] = self.fixed[rb]
+        if rb in self.refined:
+            parts = self.refined.pop(rb)
+            if ra in self.refined:
+                self.unify(self.refined[ra], parts, "a refined channel group")
+            else:
+                self.refined[ra] = parts
+
+    def expanded(self, layout: Layout) -> Layout:
+        """``layout`` with every refined var replaced by its parts (see :meth:`_refine`)."""
+        if not any(v is not None and self._find(v) in self.refined for v, _, _ in layout):
+            return layout
+        out: list[tuple[int | None, int, int]] = []
+        for v, c, i in layout:
+            parts = self.refined.get(self._find(v)) if v is not None else None
+            if parts is None:
+                out.append((v, c, i))
+            else:  # each of v's c units spans i elements: a part of c_k units spans c_k * i_k
+                out.extend(self.expanded(tuple((s, ck, ik * i) for s, ck, ik in parts)))
+        return tuple(out)
+
+    def _refine(self, x: Layout, y: Layout, what: str) -> bool:
+        """Split the var of a single-var axis ``x`` into parts shaped like ``y``'s segments.
+
+        A permutation of x's units that must match y's is a product of permutations of y's
+        parts: e.g. a squeeze-and-excitation scale (one var) multiplying the output of a grouped
+        convolution (one var per group), or of a depthwise convolution with a channel
+        multiplier (units in blocks). Returns False when ``y`` cannot be matched this way.
+        """
+        if len(x) != 1 or x[0][0] is None:
+            return False
+        var, _, inner = x[0]
+        if any(j % inner for _, _, j in y) or _size(y) != _size(x):
+            return False
+        parts = []
+        for u, c, j in y:
+            part = self._new(None, c)
+            parts.append((part, c, j // inner))
+            if u is None:
+                self.fix(((part, c, 1),), f"{what} meets an axis that is not permuted")
+            else:
+                self._union(part, u)
+        root = self._find(var)
+        if root in self.fixed:
+            self.fix(tuple(parts), self.fixed[root])
+        self.refined[root] = tuple(parts)
+        return True
 
     def fix(self, layout: Layout | None, reason: str) -> None:
+        layout = self.expanded(layout) if layout else layout
         for var, _, _ in layout or ():
             if var is not None:
                 root = self._find(var)
@@ -331,6 +435,10 @@ class _SpecBuilder:
         """Require axes ``a`` and ``b`` to be permuted alike; returns the joint layout."""
         if a == b:
             return a
+        a, b = self.expanded(a), self.expanded(b)
+        shape_a, shape_b = [(c, i) for _, c, i in a], [(c, i) for _, c, i in b]
+        if shape_a != shape_b and (self._refine(a, b, what) or self._refine(b, a, what)):
+            a, b = self.expanded(a), self.expanded(b)
         if [(c, i) for _, c, i in a] == [(c, i) for _, c, i in b]:
             for (va, _, _), (vb, _, _) in zip(a, b):
                 if va is not None and vb is not None:
@@ -340,7 +448,7 @@ class _SpecBuilder:
                         ((va if va is not None else vb, 1, 1),),
                         f"{what} meets an axis that is not permuted",
                     )
-            return a if all(v is not None for v, _, _ in a) else _none(_size(a))
+            return a  # a var met by an unpermuted segment is fixed, so `a` is right either way
         self.fix(a, f"{what} joins channels grouped differently")
         self.fix(b, f"{what} joins channels grouped differently")
         return _none(_size(a))
@@ -634,7 +742,8 @@ class _SpecBuilder:
     # -- functions and methods ----------------------------------------------------------------
 
     def call(self, node: fx.Node) -> Any:
-        key = target = node.target
+        target = node.target
+        key = _ATEN.get(target, target)
         name = getattr(target, "__name__", str(target))
         # Handlers that bind parameters themselves run before the arguments are read.
         if key is F.layer_norm:
@@ -643,6 +752,8 @@ class _SpecBuilder:
             return self.functional_linear(node)
         if name == "shifted_window_attention":
             return self.window_attention(node)
+        if key in ("conv", "batch_norm", "group_norm"):
+            return self.aten_layer(node, key)
         args = [self._arg(a) for a in node.args]
         if key in _NON_TENSOR:
             if key is operator.getitem and isinstance(args[0], list):
@@ -836,6 +947,36 @@ class _SpecBuilder:
             return self.unknown(node)
         return self.linear(x, weight, bias, weight.rsplit(".", 1)[0])
 
+    def aten_layer(self, node: fx.Node, kind: str) -> Any:
+        """``aten.convNd(x, w, b, stride, padding, dilation, groups)``, ``aten.batch_norm(x, w,
+        b, mean, var, ...)`` and ``aten.group_norm(x, groups, w, b, ...)`` of export graphs."""
+        x = self._arg(node.args[0])
+        args = list(node.args) + [None] * 7
+        if kind == "conv":
+            weight, bias = self._key(args[1]), self._key(args[2])
+            if weight is None or (args[2] is not None and bias is None):
+                return self.unknown(node)
+            return self.conv(x, weight, bias, int(args[6] or 1), weight.rsplit(".", 1)[0])
+        if kind == "group_norm":
+            weight, bias = self._key(args[2]), self._key(args[3])
+            channels = self.shape[1]
+            name = (weight or bias or self.context).rsplit(".", 1)[0]
+            if (args[2] is not None and weight is None) or (args[3] is not None and bias is None):
+                return self.unknown(node)
+            if int(args[1]) not in (1, channels):
+                self.fix(x[1], f"GroupNorm {name} ({args[1]} groups) ties channels to groups")
+            for key in (weight, bias):
+                self.bind(key, 0, x[1], name)
+            return x
+        keys = [self._key(a) for a in args[1:5]]
+        if any(a is not None and k is None for a, k in zip(args[1:5], keys)):
+            return self.unknown(node)
+        for key in keys:
+            self.bind(key, 0, x[1], self.context)
+        if len(_meta_shapes(node)) > 1:  # _native_batch_norm_legit_no_training: (out, ...)
+            return [x, *(_none_like([s]) for s in _meta_shapes(node)[1:])]
+        return x
+
     def _key(self, n: Any) -> str | None:
         """The state key a node reads, if it is a parameter that no other op has bound yet."""
         if isinstance(n, fx.Node) and n.op == "get_attr" and str(n.target) in self.state:
@@ -916,7 +1057,9 @@ class _SpecBuilder:
                 spec[key] = (None,) * value.dim()
                 continue
             spec[key] = tuple(
-                _entry(tuple((group(v), c, i) for v, c, i in layout)) if layout else None
+                _entry(tuple((group(v), c, i) for v, c, i in self.expanded(layout)))
+                if layout
+                else None
                 for layout in axes
             )
         groups = group_sizes(spec, self.state)
@@ -968,7 +1111,12 @@ def _shape_of(x: tuple[Layout, ...]) -> tuple[int, ...]:
 
 def _is_layouts(value: Any) -> bool:
     return isinstance(value, tuple) and all(
-        isinstance(layout, tuple) and layout and isinstance(layout[0], tuple) for layout in value
+        isinstance(layout, tuple)
+        and layout
+        and isinstance(layout[0], tuple)
+        and len(layout[0]) == 3
+        and isinstance(layout[0][1], int)
+        for layout in value
     )
 
 
