@@ -1,4 +1,4 @@
-"""Benchmark Git Re-Basin weight matching (``modeconn.align.weight_matching``).
+"""Benchmark Git Re-Basin weight matching (``modeconn.matching.weight_matching``).
 
 Two independently initialised networks per architecture (seeds 0 and 1, random init: the cost
 of matching depends on shapes, not on training), aligned repeatedly; reports the median wall
@@ -19,7 +19,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeconn.align import weight_matching  # noqa: E402
+from modeconn.matching import weight_matching  # noqa: E402
 from models import create_model, infer_spec  # noqa: E402
 
 # name -> (registered model, input shape, kwargs)

@@ -12,6 +12,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "connect": "modeconn.methods",
+    "align": "modeconn.matching",
+    "weight_matching": "modeconn.matching",
+    "AlignmentResult": "modeconn.matching",
+    "infer_spec": "models.infer",
+    "InferredSpec": "models.infer",
     "METHODS": "modeconn.methods",
     "Path": "modeconn.paths",
     "Bezier": "modeconn.paths",
@@ -30,6 +35,11 @@ _EXPORTS = {
     "train_model": "modeconn.train",
     "TrainConfig": "modeconn.train",
     "recompute_bn": "modeconn.bn",
+    "ensemble_predict": "modeconn.ensemble",
+    "evaluate_ensemble": "modeconn.ensemble",
+    "merge_at": "modeconn.merge",
+    "merged_model": "modeconn.merge",
+    "export_onnx": "modeconn.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -79,7 +79,7 @@ def align_endpoints(
 
     ``spec`` (default: inferred from the network's graph) is proven on A and the data first.
     """
-    from modeconn.align import align_models
+    from modeconn.matching import align_models
 
     model = a.build_model()
     probe = data.x_train[:128]

@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from modeconn.align import AlignmentResult, align_models, weight_matching
+from modeconn.matching import AlignmentResult, align_models, weight_matching
 from models import apply_permutation, create_model, random_permutation
 from models.infer import infer_spec
 
@@ -93,7 +93,7 @@ def test_recovers_planted_permutation(arch):
 def test_identity_and_logging(caplog):
     model = _model("cnn", seed=0)
     state = model.state_dict()
-    with caplog.at_level(logging.INFO, logger="modeconn.align"):
+    with caplog.at_level(logging.INFO, logger="modeconn.matching"):
         result = weight_matching(_spec(model), state, state)
     assert result.sweeps == 1
     for p in result.perms.values():
