@@ -68,6 +68,28 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
         "HTTP / in-process throughput, 16 clients, batch 64 (CNN, base64)",
     ),
     ("service", "summary/memory_ratio", "<=", 1.2, "serving memory / (K x weights + runtime)"),
+    ("spec", "resnet50/match_seconds", "<=", 20.0, "weight matching, ResNet-50, inferred spec (s)"),
+    (
+        "spec",
+        "resnet50/peak_extra_over_state",
+        "<=",
+        3.0,
+        "weight matching peak extra memory / one state dict, ResNet-50",
+    ),
+    (
+        "spec",
+        "registry_identical_share",
+        ">=",
+        1.0,
+        "registry models with identical permutations, hand-written vs inferred spec (share)",
+    ),
+    (
+        "spec",
+        "coverage/handled_percent",
+        ">=",
+        90.0,
+        "torchvision builders handled and verified (%, SPEC_COVERAGE.md)",
+    ),
 ]
 
 #: Why a target is missed on this CPU, from the profiles taken when it was (meaning -> reason).

@@ -179,7 +179,7 @@ def weight_matching(
     with no gain, or after ``max_iter`` sweeps.
 
     Args:
-        spec: permutation spec covering every key of the state dicts (``model.permutation_spec()``).
+        spec: permutation spec covering every key of the state dicts (e.g. ``models.infer_spec(model, x).spec``).
         state_a, state_b: state dicts with the same keys and shapes.
         max_iter: at most this many sweeps.
         seed: seeds the order in which groups are visited.

@@ -1,8 +1,8 @@
 """The model registry: a dict of constructors plus ``register_model`` / ``create_model``.
 
 Every registered constructor has the signature
-``fn(input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module`` and returns a
-module with a ``permutation_spec()`` method (see :mod:`models.spec`). ``create_model`` also
+``fn(input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module``; the permutation
+spec of any model is inferred from its graph (:mod:`models.infer`). ``create_model`` also
 builds architectures named from outside the registry — ``torchvision:NAME``, ``timm:NAME`` or
 ``module.path:Callable`` (see :mod:`models.external`) — and checks that every model runs on
 the inputs it is built for.
