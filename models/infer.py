@@ -251,7 +251,18 @@ _BINARY = {
     "mul_",
 }
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
-_RESHAPES = {torch.flatten, torch.reshape, "view", "reshape", "flatten", "unflatten"}
+_RESHAPES = {
+    torch.flatten,
+    torch.reshape,
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+}
+# Functional norms (timm's BatchNormAct2d, GroupNorm variants) share the ATen handlers below.
+_FUNCTIONAL_LAYERS = {F.batch_norm: "batch_norm", F.group_norm: "group_norm"}
 _SHAPE_PROPAGATING = {torch.unsqueeze, torch.squeeze, "unsqueeze", "squeeze"}
 _POOL_FUNCTIONS = {
     F.adaptive_avg_pool1d,
@@ -743,7 +754,7 @@ class _SpecBuilder:
 
     def call(self, node: fx.Node) -> Any:
         target = node.target
-        key = _ATEN.get(target, target)
+        key = _ATEN.get(target, _FUNCTIONAL_LAYERS.get(target, target))
         name = getattr(target, "__name__", str(target))
         # Handlers that bind parameters themselves run before the arguments are read.
         if key is F.layer_norm:
@@ -952,6 +963,15 @@ class _SpecBuilder:
         b, mean, var, ...)`` and ``aten.group_norm(x, groups, w, b, ...)`` of export graphs."""
         x = self._arg(node.args[0])
         args = list(node.args) + [None] * 7
+        # Keyword arguments of the functional forms, in the positions used below.
+        names = {
+            "conv": ("weight", "bias"),
+            "group_norm": ("num_groups", "weight", "bias"),
+            "batch_norm": ("running_mean", "running_var", "weight", "bias"),
+        }[kind]
+        for j, name in enumerate(names, start=1):
+            if name in node.kwargs:
+                args[j] = node.kwargs[name]
         if kind == "conv":
             weight, bias = self._key(args[1]), self._key(args[2])
             if weight is None or (args[2] is not None and bias is None):
@@ -1029,6 +1049,21 @@ class _SpecBuilder:
         self.fix(layout, f"{self.context} splits a permuted axis into {list(sizes)}")
         return [_none(s) for s in sizes]
 
+    def _aliases(self) -> dict[str, str]:
+        """Keys the graph never reads that name the same tensor as a key it does read (a module
+        shared by two parents appears in the state dict under both names)."""
+        owners: dict[tuple, str] = {}
+        for key, value in self.state.items():
+            if key in self.keys and value.numel():
+                owners.setdefault((value.data_ptr(), tuple(value.shape), value.stride()), key)
+        return {
+            key: owners[(value.data_ptr(), tuple(value.shape), value.stride())]
+            for key, value in self.state.items()
+            if key not in self.keys
+            and value.numel()
+            and (value.data_ptr(), tuple(value.shape), value.stride()) in owners
+        }
+
     # -- result -------------------------------------------------------------------------------
 
     def result(self, tracer: str) -> InferredSpec:
@@ -1049,8 +1084,9 @@ class _SpecBuilder:
 
         spec: PermutationSpec = {}
         unused: list[str] = []
+        aliases = self._aliases()
         for key, value in self.state.items():
-            axes = self.keys.get(key)
+            axes = self.keys.get(key, self.keys.get(aliases.get(key, "")))
             if axes is None:
                 if value.dim() > 0 and not key.endswith("num_batches_tracked"):
                     unused.append(key)

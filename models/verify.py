@@ -65,7 +65,9 @@ def check_permutation_invariance(
             k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
             for k, v in weights.items()
         }
-        out = functional_call(model, {**cast, **constants}, (inputs.to(dtype),), strict=False)
+        out = functional_call(
+            model, {**cast, **constants}, (inputs.to(dtype),), strict=False, tie_weights=False
+        )
         return out if isinstance(out, Tensor) else _first_tensor(out)
 
     was_training = model.training
