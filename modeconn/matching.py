@@ -44,10 +44,11 @@ logger = logging.getLogger(__name__)
 #: Leaf names of buffers that describe activations, not weights: permuted, never matched.
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
-# Cost terms of tensors up to this size are computed in float64 (exact enough that ties between
-# equal assignments are ties); larger ones in their own dtype, which is 2-3x faster on a CPU and
-# avoids a float64 copy of every big tensor, with each term's (n, n) product summed in float64.
-_FLOAT64_ELEMENTS = 1 << 20
+# Networks with up to this many matched elements are matched in float64 (exact enough that ties
+# between equally good assignments are ties); bigger ones in the tensors' own dtype, which is 2-3x
+# faster on a CPU and makes no float64 copy of any tensor. Each term's (n, n) product is summed in
+# float64 either way.
+_FLOAT64_ELEMENTS = 8_000_000
 
 # A sweep counts as a gain only above this relative improvement of one group's objective; it
 # absorbs float64 summation noise so ties between equally good assignments never cycle.
@@ -125,12 +126,10 @@ def _prepare_terms(
     return terms
 
 
-def _segment_rows(x: Tensor, term: _Term) -> Tensor:
-    """The term's segment of ``x`` as rows, one per block: ``(count, m)``, in the precision
-    of the cost (see :data:`_FLOAT64_ELEMENTS`)."""
+def _segment_rows(x: Tensor, term: _Term, dtype: torch.dtype) -> Tensor:
+    """The term's segment of ``x`` as rows, one per block: ``(count, m)``."""
     x = x.narrow(term.axis, term.offset, term.count * term.inner).movedim(term.axis, 0)
-    rows = x.reshape(term.count, -1)
-    return rows.to(torch.float64) if rows.numel() <= _FLOAT64_ELEMENTS else rows
+    return x.reshape(term.count, -1).to(dtype)
 
 
 def _permute_others(
@@ -146,14 +145,18 @@ def _permute_others(
     return x
 
 
-def _objective(spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], perms):
-    """``sum_k <A_k, pi(B)_k>`` in float64, one tensor at a time (no copy of the whole state)."""
+def _objective(
+    spec: PermutationSpec,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    perms,
+    dtype: torch.dtype,
+) -> float:
+    """``sum_k <A_k, pi(B)_k>``, one tensor at a time (no copy of the whole state)."""
     total = 0.0
     for key in a:
         permuted = _permute_others(spec, key, b[key], None, perms)
-        total += float(
-            torch.vdot(a[key].reshape(-1).to(torch.float64), permuted.reshape(-1).to(torch.float64))
-        )
+        total += float(torch.vdot(a[key].reshape(-1).to(dtype), permuted.reshape(-1).to(dtype)))
     return total
 
 
@@ -203,8 +206,8 @@ def weight_matching(
         device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     device = torch.device(device)
 
-    # The matched tensors stay in their own dtype; each cost term is cast to float64 on the fly
-    # (sums over millions of products), so the only full copy made is the permuted result.
+    # The matched tensors stay as they are; each cost term is cast on the fly, so the only full
+    # copy of a state made is the permuted result.
     a = {k: state_a[k].detach().to(device) for k in keys}
     b = {k: state_b[k].detach().to(device) for k in keys}
     terms = _prepare_terms(spec, keys, state_a, sizes)
@@ -212,7 +215,11 @@ def weight_matching(
     perms = {g: torch.arange(sizes[g], device=device) for g in sorted(sizes)}
 
     generator = torch.Generator().manual_seed(seed)
-    objective = [_objective(spec, a, b, perms)]
+    # Precision of the costs (see _FLOAT64_ELEMENTS): float64 unless the network is big.
+    dtype = torch.float64
+    if sum(a[k].numel() for k in keys) > _FLOAT64_ELEMENTS:
+        dtype = torch.promote_types(next(iter(a.values())).dtype, torch.float32)
+    objective = [_objective(spec, a, b, perms, dtype)]
     logger.info("weight matching: %d groups, identity objective %.6g", len(groups), objective[0])
     lsa_seconds, lsa_calls, sweeps, converged = 0.0, 0, 0, False
     for sweep in range(max_iter):
@@ -224,7 +231,8 @@ def weight_matching(
             for term in terms[group]:
                 b_other = _permute_others(spec, term.key, b[term.key], term.axis, perms)
                 # (n, m) @ (m, n) -> (n, n): A's blocks against B's, other axes aligned.
-                product = _segment_rows(a[term.key], term) @ _segment_rows(b_other, term).T
+                rows_a = _segment_rows(a[term.key], term, dtype)
+                product = rows_a @ _segment_rows(b_other, term, dtype).T
                 cost += product.to(torch.float64)
             c = cost.cpu().numpy()
             tic = time.perf_counter()
@@ -238,7 +246,7 @@ def weight_matching(
                 perms[group] = torch.as_tensor(cols, dtype=torch.long, device=device)
                 improved = True
         sweeps = sweep + 1
-        objective.append(_objective(spec, a, b, perms))
+        objective.append(_objective(spec, a, b, perms, dtype))
         logger.info(
             "weight matching sweep %d: objective %.6g (gain %.3g)",
             sweeps,
