@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from modeconn.cli import main
+from tests.bentoml_server import bentoml_server
 
 # Every test needs the trained endpoints and a fitted path (together ~20 s here), and the
 # module takes ~45 s: all of it is left out of the quick `-m "not slow"` run.
@@ -286,23 +286,25 @@ def test_exported_ensemble_and_midpoint_match_torch(exported, bezier, data):
 
 
 @pytest.fixture(scope="module")
-def served(bezier, autoneb, paths_root):
-    """``modeconn serve-build`` of the Bezier artifact, served in process (``to_asgi``).
+def served(bezier, autoneb, paths_root, tmp_path_factory):
+    """``modeconn serve-build`` of the Bezier artifact, served by a real ``bentoml serve``.
 
     The AutoNEB artifact lies beside it without a bundle: the service must leave it out.
     """
+    import httpx
+
     assert main(["-q", "serve-build", str(bezier), "--k", "2", "--ts", "0.5"]) == 0
-    with warnings.catch_warnings():  # starlette asks for httpx2 instead of httpx
-        warnings.simplefilter("ignore")
-        from starlette.testclient import TestClient
-
-    from service.service import ModeConnService
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODECONN_ARTIFACTS", str(paths_root))
-        mp.delenv("MODECONN_MODELS", raising=False)
-        with TestClient(ModeConnService.to_asgi(), raise_server_exceptions=False) as client:
-            yield client
+    env = {
+        "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
+        "MODECONN_ARTIFACTS": str(paths_root),
+        "MODECONN_MODELS": "",
+    }
+    log_file = tmp_path_factory.mktemp("server") / "server.log"
+    with (
+        bentoml_server(env, log_file) as running,
+        httpx.Client(base_url=running["url"], timeout=60) as client,
+    ):
+        yield client
 
 
 def test_service_answers_like_onnxruntime(served, bezier, exported, data):

@@ -5,16 +5,12 @@ bad inputs leave it ready, 16 concurrent clients, image upload, the model store,
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +20,8 @@ from modeconn.checkpoint import load_checkpoint
 from modeconn.pipeline import fit_artifact
 from modeconn.runtime import OnnxModel
 from modeconn.serving import build_serving, find_served, read_index
+from tests.bentoml_server import REPO, bentoml_server
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_BATCH = 64
 
 
@@ -573,21 +569,11 @@ def test_client_errors_are_logged_in_one_line(asgi, caplog):
 # One real `bentoml serve`, called over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(models_root, tmp_path_factory):
-    import httpx
-
     home = tmp_path_factory.mktemp("bentoml_home")
     env = {
-        **os.environ,
         "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "True",
         "MODECONN_ARTIFACTS": str(models_root),
         "MODECONN_MAX_BATCH": str(MAX_BATCH),
     }
@@ -601,45 +587,16 @@ def server(models_root, tmp_path_factory):
             str(models_root / "paths" / "mlp"),
         ],
         cwd=REPO,
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert saved.returncode == 0, saved.stderr
     env["MODECONN_MODELS"] = saved.stdout.strip().splitlines()[-1]
-    port = _free_port()
     log_file = tmp_path_factory.mktemp("server") / "server.log"
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(
-            [str(bentoml_cli), "serve", "service.service:ModeConnService"]
-            + ["--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_file.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 90 s:\n{log_file.read_text()}")
-            time.sleep(0.2)
-        yield {"url": url, "proc": proc, "log": log_file}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with bentoml_server(env, log_file) as running:
+        yield running
 
 
 def _workers(pid: int) -> list[int]:
