@@ -107,7 +107,8 @@ def perturb_state(
     Freshly initialised networks hide spec errors: BN statistics are 0 and 1, norm affines are 1
     and 0, and layer scales may be 1e-6, so permuting them or not looks the same. The check on
     random weights runs on this state instead. BN statistics are recomputed on ``inputs`` (a
-    forward pass in train mode with momentum 1 on a copy), so activations stay normalised.
+    forward pass with the BN layers in train mode, momentum 1, on a copy), so activations stay
+    normalised.
     """
     import copy
 
@@ -119,10 +120,13 @@ def perturb_state(
                 size = float(value.abs().mean()) or 1.0
                 noise = torch.randn(value.shape, generator=gen, dtype=value.dtype)
                 value.add_(noise.to(value.device) * scale * max(size, 1e-2))
+        # Only the BN layers run in train mode: dropout and stochastic depth stay off, so the
+        # statistics are those of the network that eval mode runs.
+        clone.eval()
         for module in clone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = 1.0
-        clone.train()
+                module.train()
         clone(inputs)
     return {k: v.detach().clone() for k, v in clone.state_dict().items()}
 

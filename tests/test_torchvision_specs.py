@@ -21,7 +21,7 @@ FAMILIES = {
     "efficientnet_b0": (32, None),
     "efficientnet_v2_s": (32, None),
     "googlenet": (32, None),
-    "inception_v3": (299, None),  # its auxiliary head (run to refresh BN) needs 299
+    "inception_v3": (160, None),
     "maxvit_t": (224, "splits a permuted axis"),  # q, k, v cut out of one projection
     "mnasnet0_5": (32, None),
     "mobilenet_v2": (32, None),
