@@ -355,6 +355,7 @@ class _SpecBuilder:
         self.fx_params: dict[str, str] = {}  # export placeholder name -> state key
         self.context = ""  # the operation being handled, for messages
         self.shape: tuple[int, ...] = ()  # its (first) output shape
+        self.read_storage: set[int] = set()  # data pointers of every tensor constant read
 
     # -- union-find ---------------------------------------------------------------------------
 
@@ -491,15 +492,25 @@ class _SpecBuilder:
 
     def run(self, graph: Any, tracer: str) -> None:
         modules = dict(graph.named_modules())
+        constants = {
+            (v.data_ptr(), tuple(v.shape), v.stride()): k
+            for k, v in self.state.items()
+            if v.numel()
+        }
         for node in graph.graph.nodes:
             self.context = _describe(node, modules)
             self.shape = (_meta_shapes(node) or [()])[0]
             if node.op == "placeholder":
                 self.values[node] = _none_like(_meta_shapes(node))
             elif node.op == "get_attr":
+                # fx reads a buffer as a constant of its own name: find its state key by storage.
                 target = str(node.target)
-                if target in self.state:
-                    self.values[node] = _Param(target)  # layouts made when first read
+                storage = _storage(graph, target)
+                key = target if target in self.state else constants.get(storage)
+                if storage is not None:
+                    self.read_storage.add(storage[0])
+                if key is not None:
+                    self.values[node] = _Param(key)  # layouts made when first read
                 else:  # a constant or non-persistent buffer: never permuted
                     self.values[node] = _none_like(_meta_shapes(node))
             elif node.op == "call_module":
@@ -1088,7 +1099,8 @@ class _SpecBuilder:
         for key, value in self.state.items():
             axes = self.keys.get(key, self.keys.get(aliases.get(key, "")))
             if axes is None:
-                if value.dim() > 0 and not key.endswith("num_batches_tracked"):
+                read = value.numel() and value.data_ptr() in self.read_storage  # e.g. a view
+                if value.dim() > 0 and not key.endswith("num_batches_tracked") and not read:
                     unused.append(key)
                 spec[key] = (None,) * value.dim()
                 continue
@@ -1110,6 +1122,16 @@ class _SpecBuilder:
                 ", ".join(unused[:5]),
             )
         return result
+
+
+def _storage(graph: fx.GraphModule, target: str) -> tuple | None:
+    """Where the tensor attribute ``target`` of ``graph`` lives (None if not a tensor)."""
+    value: Any = graph
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, Tensor) or not value.numel():
+        return None
+    return (value.data_ptr(), tuple(value.shape), value.stride())
 
 
 @dataclass(frozen=True)
