@@ -260,10 +260,13 @@ _RESHAPES = {
     "unflatten",
     "view_as",
     "reshape_as",
+    torch.unsqueeze,
+    torch.squeeze,
+    "unsqueeze",
+    "squeeze",
 }
 # Functional norms (timm's BatchNormAct2d, GroupNorm variants) share the ATen handlers below.
 _FUNCTIONAL_LAYERS = {F.batch_norm: "batch_norm", F.group_norm: "group_norm"}
-_SHAPE_PROPAGATING = {torch.unsqueeze, torch.squeeze, "unsqueeze", "squeeze"}
 _POOL_FUNCTIONS = {
     F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d,
@@ -352,7 +355,6 @@ class _SpecBuilder:
         self.refined: dict[int, Layout] = {}  # root -> its parts, when split (see _refine)
         self.keys: dict[str, list[Layout | None]] = {}  # state key -> layout of each axis
         self.values: dict[fx.Node, Any] = {}  # node -> layouts (tuple of Layout) or a list
-        self.fx_params: dict[str, str] = {}  # export placeholder name -> state key
         self.context = ""  # the operation being handled, for messages
         self.shape: tuple[int, ...] = ()  # its (first) output shape
         self.read_storage: set[int] = set()  # data pointers of every tensor constant read
@@ -465,10 +467,9 @@ class _SpecBuilder:
         self.fix(b, f"{what} joins channels grouped differently")
         return _none(_size(a))
 
-    def param(self, key: str, shape: Sequence[int] | None = None) -> list[Layout | None]:
+    def param(self, key: str) -> list[Layout | None]:
         if key not in self.keys:
-            shape = shape if shape is not None else self.state[key].shape
-            self.keys[key] = [None] * len(shape)
+            self.keys[key] = [None] * self.state[key].dim()
         return self.keys[key]
 
     def bind(self, key: str | None, axis: int, layout: Layout, what: str) -> None:
@@ -575,7 +576,7 @@ class _SpecBuilder:
         if isinstance(m, _POOL_MODULES):
             return self.pool(x, node)
         if isinstance(m, nn.Flatten):
-            return self.reshape(x, node, node.args[0])
+            return self.reshape(x, node)
         if isinstance(m, nn.MultiheadAttention):
             return self.attention(node, m, name)
         if any(True for _ in m.parameters(recurse=False)) or any(
@@ -794,9 +795,7 @@ class _SpecBuilder:
         if key in _BINARY:
             return self.broadcast(node, args)
         if key in _RESHAPES:
-            return self.reshape(args[0], node, node.args[0])
-        if key in _SHAPE_PROPAGATING:
-            return self.reshape(args[0], node, node.args[0])
+            return self.reshape(args[0], node)
         if key == "expand":
             return self.expand(args[0])
         if key in (torch.permute, "permute"):
@@ -830,8 +829,7 @@ class _SpecBuilder:
         return self.unknown(node)
 
     def broadcast(self, node: fx.Node, args: list[Any]) -> Any:
-        shapes = [s for s in _meta_shapes(node)]
-        out_shape = shapes[0]
+        out_shape = _meta_shapes(node)[0]
         operands = [a for a in args if _is_layouts(a)]
         result: list[Layout] = [_none(s) for s in out_shape]
         filled = [False] * len(out_shape)
@@ -1014,8 +1012,8 @@ class _SpecBuilder:
             return str(n.target)
         return None
 
-    def reshape(self, x: Any, node: fx.Node, source: Any) -> Any:
-        in_shape = _meta_shapes(source)[0] if isinstance(source, fx.Node) else _shape_of(x)
+    def reshape(self, x: Any, node: fx.Node) -> Any:
+        in_shape = _meta_shapes(node.args[0])[0]
         out_shape = _meta_shapes(node)[0]
         return self.relayout(x, tuple(in_shape), tuple(out_shape))
 
@@ -1161,10 +1159,6 @@ def _none_like(shapes: Any) -> Any:
     if len(shapes) == 1:
         return tuple(_none(s) for s in shapes[0])
     return [tuple(_none(s) for s in shape) for shape in shapes]
-
-
-def _shape_of(x: tuple[Layout, ...]) -> tuple[int, ...]:
-    return tuple(_size(layout) for layout in x)
 
 
 def _is_layouts(value: Any) -> bool:

@@ -30,6 +30,9 @@ def test_spec_is_shown_written_and_used_for_alignment(mlp_pair, tmp_path, capsys
     assert main([*args, "--spec", str(out)]) == 1
     assert "changes the network's outputs" in capsys.readouterr().err
 
+    assert main([*args, "--spec", str(tmp_path / "missing.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
     out.write_text("{not json")
     assert main([*args, "--spec", str(out)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
