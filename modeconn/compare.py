@@ -22,7 +22,8 @@ import torch
 from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path
-from modeconn.methods import METHODS, connect, make_config
+from modeconn.fit.connect import connect
+from modeconn.fit.methods import METHODS, make_config
 from modeconn.types import Energy
 from models.spec import PermutationSpec
 
@@ -120,8 +121,8 @@ def compare(
     rows: list[ComparisonRow] = []
     evaluations: dict[str, dict] = {}
     for label, method, aligned in runs:
-        config = make_config(method, **params.get(method, {})).model_dump()
-        key = _cache_key(a, b, data, method, config, aligned and (spec or "inferred"))
+        config = make_config(method, **params.get(method, {}))
+        key = _cache_key(a, b, data, method, config.model_dump(), aligned and (spec or "inferred"))
         target = out_dir / label
         artifact = None
         reused = False
@@ -143,7 +144,7 @@ def compare(
                 out=target,
                 align=aligned,
                 spec=spec,
-                params=config,
+                config=config,
                 device=device,
                 progress=progress,
                 eval_points=eval_points,

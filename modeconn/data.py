@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ __all__ = ["Dataset", "load_data", "iterate_batches", "DATA_KINDS", "DEFAULT_DAT
 DEFAULT_DATA = "digits"
 DATA_KINDS = ("digits", "npz:PATH", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
 
-Augment = Callable[[Tensor, torch.Generator], Tensor]
+# (batch, generator or None for the global RNG) -> augmented batch.
+Augment = Callable[[Tensor, torch.Generator | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,14 @@ def _require_arg(spec: str, arg: str, what: str) -> str:
 def _load_digits(split_seed: int) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+    from sklearn.utils import Bunch
 
-    digits = load_digits()
+    digits = cast(Bunch, load_digits())  # a Bunch, as return_X_y is False
     x = digits.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.2, random_state=split_seed, stratify=y
+    x_tr, x_te, y_tr, y_te = cast(
+        list[np.ndarray],  # arrays in, arrays out
+        train_test_split(x, y, test_size=0.2, random_state=split_seed, stratify=y),
     )
     mean, std = float(x_tr.mean()), float(x_tr.std())
     x_tr = (x_tr - mean) / std

@@ -14,6 +14,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modeconn.compare import ComparisonRow
 
 __all__ = ["main", "DEMO_METHODS", "DEMO_PARAMS"]
 
@@ -63,6 +67,13 @@ def _endpoints(out: Path, data, *, progress: bool) -> tuple[Path, Path]:
             )
         files.append(path)
     return files[0], files[1]
+
+
+def _artifact_dir(row: ComparisonRow) -> str:
+    """Where ``row``'s path was written (``compare`` writes one for every row it returns)."""
+    if row.artifact is None:
+        raise ValueError(f"{row.label}: the comparison wrote no artifact")
+    return row.artifact
 
 
 def _export_and_check(artifact_dir: Path, onnx_dir: Path, label: str, data) -> dict:
@@ -133,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from modeconn.commands.evaluate import print_rows
     from modeconn.compare import compare
     from modeconn.data import load_data
-    from modeconn.fge import fge_artifact
-    from modeconn.methods import METHODS
+    from modeconn.fit.methods import METHODS
+    from modeconn.pipeline import fit_artifact
     from modeconn.plots import plot_ensembles, plot_paths
     from modeconn.report import evaluate_artifact
 
@@ -164,7 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     # Fast Geometric Ensembling from endpoint A: the other way to get many members cheaply.
     fge_dir = out / "paths" / "fge"
     if not (fge_dir / "manifest.json").exists():
-        fge_artifact(a, data, out=fge_dir, params=DEMO_FGE, device=args.device, progress=progress)
+        fit_artifact(
+            a,
+            None,
+            data,
+            "fge",
+            params=DEMO_FGE,
+            out=fge_dir,
+            device=args.device,
+            progress=progress,
+        )
 
     # Ensembles and merges, against the endpoints, on the test set.
     fitted = {row.label: row for row in rows}
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for label in to_evaluate:
         if label in fitted:
             rows_eval = evaluate_artifact(
-                fitted[label].artifact, data, DEMO_KS, backend="torch", device=args.device
+                _artifact_dir(fitted[label]), data, DEMO_KS, backend="torch", device=args.device
             )
             print_rows(f"{label} path: ensembles and merges (test set)", rows_eval)
             results[label] = [r.to_json() for r in rows_eval]
@@ -195,13 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     for label in dict.fromkeys(["bezier", best.label]):
         if label not in fitted:
             continue
-        exports[label] = _export_and_check(Path(fitted[label].artifact), out / "onnx", label, data)
+        exports[label] = _export_and_check(
+            Path(_artifact_dir(fitted[label])), out / "onnx", label, data
+        )
 
     # The loss plane through the Bezier curve's three nodes (Garipov et al., Figure 1).
     if "bezier" in fitted:
         from modeconn.plane import loss_plane, plot_plane
 
-        artifact = load_artifact(fitted["bezier"].artifact)
+        artifact = load_artifact(_artifact_dir(fitted["bezier"]))
         plane = loss_plane(artifact.build_model(), artifact.path, data, grid=21, progress=progress)
         plot_plane(
             plane, out / "plane_bezier.png", title="train loss on the plane of the Bezier curve"
@@ -211,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     # What `make serve` serves: one ONNX graph per ensemble size and merged t, per artifact.
     from modeconn.serving import build_serving
 
-    for directory in [Path(r.artifact) for r in rows] + [fge_dir]:
+    for directory in [Path(_artifact_dir(r)) for r in rows] + [fge_dir]:
         build_serving(directory, ks=SERVE_KS, ts=SERVE_TS)
 
     summary = {

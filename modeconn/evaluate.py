@@ -18,7 +18,7 @@ from torch.func import functional_call
 from modeconn.bn import has_batchnorm, recompute_bn
 from modeconn.data import Dataset
 from modeconn.metrics import barriers, jsd_from_log_probs
-from modeconn.paths import Path, PointSet
+from modeconn.paths import Path, PointSet, as_state, as_vector
 from modeconn.progress import progress_bar
 from modeconn.types import Energy, StateDict
 
@@ -104,7 +104,7 @@ def evaluate_path(
     prev_log_probs: Tensor | None = None
     with progress_bar(len(ts), "evaluate path", enabled=progress) as bar:
         for t in ts:
-            params = {k: v.to(device) for k, v in path.at(t).items()}
+            params = {k: v.to(device) for k, v in as_state(path.at(t)).items()}
             state = (
                 {**params, **recompute_bn(model, params, x_train, device=device)} if bn else params
             )
@@ -114,7 +114,7 @@ def evaluate_path(
             rows["train_acc"].append(float((lp_train.argmax(-1) == data.y_train).float().mean()))
             rows["test_loss"].append(float(F.nll_loss(lp_test, data.y_test)))
             rows["test_acc"].append(float((lp_test.argmax(-1) == data.y_test).float().mean()))
-            if prev_params is not None:
+            if prev_params is not None and prev_log_probs is not None:  # set together
                 weight_length += _distance(params, prev_params)
                 prediction_length += math.sqrt(
                     float(jsd_from_log_probs(lp_train, prev_log_probs).mean())
@@ -140,7 +140,7 @@ def _distance(a: StateDict, b: StateDict) -> float:
 def evaluate_energy_path(energy: Energy, path: Path, *, points: int = 61) -> dict:
     """Energy along a path of 1-D vectors: values per t, barriers, mean and length."""
     ts = evaluation_grid(path, points)
-    ws = [path.at(t) for t in ts]
+    ws = [as_vector(path.at(t)) for t in ts]
     values = [float(energy(w)) for w in ws]
     length = sum(float((ws[i + 1] - ws[i]).norm()) for i in range(len(ws) - 1))
     return {

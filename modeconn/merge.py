@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from modeconn.artifact import PathArtifact, load_artifact
 from modeconn.bn import has_batchnorm, recompute_bn
 from modeconn.checkpoint import save_checkpoint
-from modeconn.paths import Path
+from modeconn.paths import Path, as_state
 from modeconn.types import StateDict
 
 __all__ = [
@@ -74,7 +74,7 @@ def point_state(
     one of them is required. Keys and order are those of ``model.state_dict()``.
     """
     t = _check_t(t)
-    params = {k: v.detach() for k, v in path.at(t).items()}  # each (*param_shape)
+    params = {k: v.detach() for k, v in as_state(path.at(t)).items()}  # each (*param_shape)
     stats: StateDict = {}
     if has_batchnorm(model):
         if buffers is not None:

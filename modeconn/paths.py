@@ -28,6 +28,8 @@ __all__ = [
     "PolyChain",
     "PointSet",
     "linear",
+    "as_state",
+    "as_vector",
     "bezier_coefficients",
     "polychain_coefficients",
     "stack_nodes",
@@ -226,9 +228,22 @@ PATH_KINDS: dict[str, type[Path]] = {cls.kind: cls for cls in (Bezier, PolyChain
 
 def linear(start: StateDict | Tensor, end: StateDict | Tensor) -> PolyChain:
     """The straight path from ``start`` to ``end``: the baseline every method is compared to."""
-    is_vector = isinstance(start, Tensor)
-    if is_vector != isinstance(end, Tensor):
+    if isinstance(start, Tensor) and isinstance(end, Tensor):
+        return PolyChain(stack_nodes([{VECTOR_KEY: start}, {VECTOR_KEY: end}]), is_vector=True)
+    if isinstance(start, Tensor) or isinstance(end, Tensor):
         raise TypeError("start and end must both be tensors or both be state dicts")
-    a = {VECTOR_KEY: start} if is_vector else start
-    b = {VECTOR_KEY: end} if is_vector else end
-    return PolyChain(stack_nodes([a, b]), is_vector=is_vector)
+    return PolyChain(stack_nodes([start, end]), is_vector=False)
+
+
+def as_state(point: StateDict | Tensor) -> StateDict:
+    """A point of a path (:meth:`Path.at`, :meth:`Path.node`) that must be a state dict."""
+    if isinstance(point, Tensor):
+        raise TypeError("expected a state dict, got a 1-D vector: this path runs on vectors")
+    return point
+
+
+def as_vector(point: StateDict | Tensor) -> Tensor:
+    """A point of a path (:meth:`Path.at`, :meth:`Path.node`) that must be a 1-D vector."""
+    if not isinstance(point, Tensor):
+        raise TypeError("expected a 1-D vector, got a state dict: this path runs on state dicts")
+    return point

@@ -1,16 +1,21 @@
-"""From two endpoint files to a path artifact: align, fit, recompute BN, evaluate, save.
+"""From endpoint files to a path artifact: align, fit, recompute BN, evaluate, save.
 
-The glue that ``modeconn connect``, ``modeconn compare`` and the demo share.
+The glue that ``modeconn connect``, ``modeconn fge``, ``modeconn compare`` and the demo share.
+Every method of the table goes through :func:`fit_artifact`; FGE, which starts from one
+network, gets ``b=None`` and becomes an artifact of kind ``points``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path as FsPath
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from modeconn.artifact import (
     DataInfo,
@@ -23,11 +28,21 @@ from modeconn.artifact import (
 )
 from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
-from modeconn.evaluate import evaluate_path
-from modeconn.methods import METHODS, connect, make_config
+from modeconn.evaluate import evaluate_path, predict
+from modeconn.fit.configs import MethodConfig
+from modeconn.fit.connect import connect
+from modeconn.fit.methods import get_method, make_config
+from modeconn.types import StateDict
 from models.spec import PermutationSpec
 
-__all__ = ["align_endpoints", "endpoint_record", "fit_artifact", "fit_state_file", "save_fitted"]
+__all__ = [
+    "align_endpoints",
+    "endpoint_record",
+    "ensemble_metrics",
+    "fit_artifact",
+    "fit_state_file",
+    "save_fitted",
+]
 
 log = logging.getLogger("modeconn")
 
@@ -104,33 +119,68 @@ def align_endpoints(
     return result.state, record
 
 
+@torch.no_grad()
+def ensemble_metrics(
+    model: nn.Module,
+    states: list[StateDict],
+    data: Dataset,
+    *,
+    split: str = "test",
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Accuracy and NLL of the mean softmax of the networks ``states`` (full state dicts)."""
+    x, y = data.split(split)
+    log_probs = torch.stack(
+        [predict(model, s, x.to(device), device=device) for s in states]
+    )  # (M, N, C)
+    mean_log_probs = torch.logsumexp(log_probs, 0) - math.log(len(states))  # (N, C)
+    return {
+        "members": len(states),
+        f"{split}_acc": float((mean_log_probs.argmax(-1) == y).float().mean()),
+        f"{split}_nll": float(F.nll_loss(mean_log_probs, y)),
+        f"{split}_member_nll_mean": float(sum(F.nll_loss(lp, y) for lp in log_probs) / len(states)),
+    }
+
+
 def fit_artifact(
     a: Checkpoint,
-    b: Checkpoint,
+    b: Checkpoint | None,
     data: Dataset,
     method: str,
     *,
+    config: MethodConfig | None = None,
+    params: dict | None = None,
     out: str | os.PathLike | None = None,
     align: bool = False,
-    params: dict | None = None,
+    spec: PermutationSpec | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     resume: bool = False,
+    checkpoint_every: int | None = None,
     eval_points: int = 61,
     served_ts: list[float] | None = None,
     cache_key: str | None = None,
-    spec: PermutationSpec | None = None,
 ) -> tuple[PathArtifact, dict | None]:
     """Fit ``method`` between endpoints ``a`` and ``b`` and (if ``out``) save the artifact.
 
-    Returns the artifact and the path evaluation (``None`` when ``eval_points`` is 0).
-    With ``align``, B is first permuted onto A with ``spec`` (default: inferred from the graph).
+    ``config`` is the method's validated options (or give ``params`` to validate here).
+    ``b`` is None for a method that starts from one network (FGE). Returns the artifact and
+    the path evaluation (``None`` when ``eval_points`` is 0). With ``align``, B is first
+    permuted onto A with ``spec`` (default: inferred from the graph). For a point set (FGE)
+    the metrics also hold the members' ensemble (``ensemble``) beside the start (``start``).
     """
-    params = dict(params or {})
-    config = make_config(method, **params)  # fail on bad options before any work
+    row = get_method(method)
+    if config is None:
+        config = make_config(method, **dict(params or {}))  # fail on bad options before any work
+    elif params:
+        raise TypeError("give the method's options as config or as params, not both")
+    if (b is None) != (row.endpoints == 1):
+        raise ValueError(
+            f"method {method!r} takes {row.endpoints} endpoint{'s' if row.endpoints > 1 else ''}"
+        )
     model = a.build_model()
-    state_b, alignment = b.state, None
-    if align:
+    state_b, alignment = (b.state if b is not None else None), None
+    if align and b is not None:
         state_b, alignment = align_endpoints(a, b, data, seed=config.seed, spec=spec)
     checkpoint = fit_state_file(out, resume=resume) if method != "linear" else None
     stats: dict = {}
@@ -140,13 +190,14 @@ def fit_artifact(
         a.state,
         state_b,
         method,
+        config=config,
         data=data,
         device=device,
         progress=progress,
         checkpoint=checkpoint,
         resume=resume,
+        checkpoint_every=checkpoint_every,
         stats=stats,
-        **config.model_dump(),
     )
     seconds = time.perf_counter() - start
     path.to("cpu")
@@ -156,7 +207,6 @@ def fit_artifact(
         ts = [float(k) for k in path.knots()]
     buffers = compute_served_buffers(model, path, data.x_train, ts, device=device)
     model.cpu()
-    evaluation = None
     metrics: dict = {}
     if eval_points:
         evaluation = evaluate_path(
@@ -164,6 +214,14 @@ def fit_artifact(
         )
         model.cpu()
         metrics = evaluation.to_json()
+    if path.kind == "points":
+        members = [{**path.at(t), **buffers.get(t, {})} for t in ts]
+        metrics["ensemble"] = ensemble_metrics(model, members, data, device=device)
+        metrics["start"] = ensemble_metrics(model, [a.state], data, device=device)
+        model.cpu()
+    endpoints = {"a": endpoint_record(a)}
+    if b is not None:
+        endpoints["b"] = endpoint_record(b)
     manifest = Manifest(
         kind="points" if path.kind == "points" else "path",
         method=method,
@@ -173,7 +231,7 @@ def fit_artifact(
         model=ModelInfo(**a.model.to_json()),
         data=DataInfo(**data.describe()),
         alignment=alignment,
-        endpoints={"a": endpoint_record(a), "b": endpoint_record(b)},
+        endpoints=endpoints,
         served_ts=ts,
         metrics=metrics,
         fit={
@@ -181,7 +239,7 @@ def fit_artifact(
             "method": method,
             "config": config.model_dump(),
             "seconds": round(seconds, 3),
-            "summary": METHODS[method].summary,
+            "summary": row.summary,
             "stats": stats,
             "cache_key": cache_key,
         },

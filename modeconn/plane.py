@@ -24,7 +24,7 @@ from modeconn.bn import has_batchnorm, recompute_bn
 from modeconn.data import Dataset
 from modeconn.evaluate import predict
 from modeconn.io import atomic_file
-from modeconn.paths import Path, PointSet
+from modeconn.paths import Path, PointSet, as_state
 from modeconn.progress import progress_bar
 from modeconn.types import StateDict
 
@@ -137,7 +137,7 @@ def loss_plane(
     x_eval, y_eval = data.split(split)
     basis = plane_basis(path)
     dtype = next(iter(path.nodes.values())).dtype
-    nodes = [basis.project(path.node(k))[:2] for k in range(3)]
+    nodes = [basis.project(as_state(path.node(k)))[:2] for k in range(3)]
     xs = _axis([p[0] for p in nodes], grid, margin)
     ys = _axis([p[1] for p in nodes], grid, margin)
 
@@ -161,8 +161,8 @@ def loss_plane(
     model.cpu()
 
     ts = [i / (curve_points - 1) for i in range(curve_points)]
-    projected = [basis.project(path.at(t)) for t in ts]
-    line_b = basis.project(path.node(2))
+    projected = [basis.project(as_state(path.at(t))) for t in ts]
+    line_b = basis.project(as_state(path.node(2)))
     return LossPlane(
         split=split,
         xs=xs,

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -244,7 +244,10 @@ class OnnxModel:
         step = batch_size or len(x)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.output_names}
         for begin in range(0, len(x), step):
-            outputs = self.session.run(None, {self.input_name: x[begin : begin + step]})
+            # Dense tensors: the graphs served here have no sequence, map or sparse outputs.
+            outputs = cast(
+                list[np.ndarray], self.session.run(None, {self.input_name: x[begin : begin + step]})
+            )
             for name, value in zip(self.output_names, outputs):
                 parts[name].append(value)
         return {

@@ -7,6 +7,7 @@ Works on any ``(C, H, W)`` input: a stage pools only while the feature map is at
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,7 +71,7 @@ class CNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for stage, pool in zip(self.stages, self.pools):
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):  # stages hold ModuleLists
                 x = block(x)  # (N, C_s, H, W)
             if pool:
                 x = F.max_pool2d(x, 2)  # (N, C_s, H/2, W/2)

@@ -46,9 +46,10 @@ def is_external(name: str) -> bool:
 
 def build_external(
     name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: dict
-) -> nn.Module:
+) -> object:
     """Build the model ``name`` (``torchvision:NAME``, ``timm:NAME`` or ``module.path:Callable``).
 
+    A user's callable may return anything: the caller checks that it is an ``nn.Module``.
     A ``TypeError`` from the constructor (a bad keyword argument) is left to the caller, which
     reports it with the model's name.
     """
@@ -111,7 +112,7 @@ def _user(
     input_shape: tuple[int, ...],
     num_classes: int,
     kwargs: dict,
-) -> nn.Module:
+) -> object:  # whatever the user's callable returns; create_model checks it
     if not (_DOTTED.fullmatch(module_name) and _DOTTED.fullmatch(attr)):
         raise ValueError(
             f"model {name!r} is not a registered name and not one of {EXTERNAL_FORMS} "

@@ -23,7 +23,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def infer_spec(
     Raises:
         SpecInferenceError: the model cannot be traced, or ``strict`` and an unknown operation.
     """
-    inputs = tuple(example_input) if isinstance(example_input, list | tuple) else (example_input,)
+    inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
     was_training = model.training
     model.eval()
     try:
@@ -410,9 +410,11 @@ class _SpecBuilder:
         convolution (one var per group), or of a depthwise convolution with a channel
         multiplier (units in blocks). Returns False when ``y`` cannot be matched this way.
         """
-        if len(x) != 1 or x[0][0] is None:
+        if len(x) != 1:
             return False
         var, _, inner = x[0]
+        if var is None:
+            return False
         if any(j % inner for _, _, j in y) or _size(y) != _size(x):
             return False
         parts = []
@@ -507,7 +509,10 @@ class _SpecBuilder:
                 # fx reads a buffer as a constant of its own name: find its state key by storage.
                 target = str(node.target)
                 storage = _storage(graph, target)
-                key = target if target in self.state else constants.get(storage)
+                if target in self.state:
+                    key = target
+                else:
+                    key = constants.get(storage) if storage is not None else None
                 if storage is not None:
                     self.read_storage.add(storage[0])
                 if key is not None:
@@ -547,7 +552,8 @@ class _SpecBuilder:
 
     def call_module(self, node: fx.Node, m: nn.Module) -> Any:
         name = str(node.target)
-        x = self._arg(node.args[0]) if node.args else None
+        # Any: the layouts of the first input (None only for a module called by keyword).
+        x: Any = self._arg(node.args[0]) if node.args else None
         if isinstance(m, _ELEMENTWISE_MODULES):
             return x
         if isinstance(m, nn.Linear):
@@ -799,15 +805,14 @@ class _SpecBuilder:
         if key == "expand":
             return self.expand(args[0])
         if key in (torch.permute, "permute"):
-            dims = (
-                node.args[1:]
-                if len(node.args) > 2 or isinstance(node.args[1], int)
-                else (node.args[1])
-            )
+            # permute(x, 0, 2, 1), permute(x, (0, 2, 1)) or permute(x, dims=...): ints.
+            rest: tuple[Any, ...] = node.args[1:]
+            dims: Any = rest[0] if len(rest) == 1 and not isinstance(rest[0], int) else rest
             dims = node.kwargs.get("dims", dims)
             return tuple(args[0][int(d) % len(args[0])] for d in dims)
         if key in (torch.transpose, torch.swapaxes, "transpose", "swapaxes"):
-            a, b = (int(d) % len(args[0]) for d in node.args[1:3])
+            pair: tuple[Any, ...] = node.args[1:3]  # the two dims: ints
+            a, b = (int(d) % len(args[0]) for d in pair)
             out = list(args[0])
             out[a], out[b] = out[b], out[a]
             return tuple(out)
@@ -856,8 +861,9 @@ class _SpecBuilder:
         return tuple(result)
 
     def cat(self, node: fx.Node) -> Any:
-        tensors = [self._arg(a) for a in node.args[0]]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        inputs = cast(Sequence[fx.Node], node.args[0])  # cat(tensors, dim): a list of nodes
+        tensors = [self._arg(a) for a in inputs]
+        dim: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)  # an int
         if not all(_is_layouts(t) for t in tensors):
             return self.unknown(node)
         dim = int(dim) % len(tensors[0])
@@ -882,7 +888,8 @@ class _SpecBuilder:
     def reduce(self, x: Any, node: fx.Node) -> Any:
         # Reducing over a permuted axis is invariant to the permutation: nothing to fix.
         shape = _meta_shapes(node)[0]
-        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        # an int, a list of ints, or None (all axes)
+        dims: Any = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if dims is None:
             return ()
         dims = {int(d) % len(x) for d in (dims if isinstance(dims, list | tuple) else [dims])}
@@ -918,7 +925,7 @@ class _SpecBuilder:
         return tuple(layout if layout is not None else _none(s) for layout, s in zip(out, shape))
 
     def split(self, node: fx.Node, x: Any) -> Any:
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        dim: Any = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)  # an int
         dim = int(dim) % len(x)
         self.fix(x[dim], f"{self.context} splits a permuted axis")
         return [
@@ -971,7 +978,7 @@ class _SpecBuilder:
         """``aten.convNd(x, w, b, stride, padding, dilation, groups)``, ``aten.batch_norm(x, w,
         b, mean, var, ...)`` and ``aten.group_norm(x, groups, w, b, ...)`` of export graphs."""
         x = self._arg(node.args[0])
-        args = list(node.args) + [None] * 7
+        args: list[Any] = list(node.args) + [None] * 7  # nodes, ints and None, by position
         # Keyword arguments of the functional forms, in the positions used below.
         names = {
             "conv": ("weight", "bias"),

@@ -79,7 +79,8 @@ def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kw
         raise ValueError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module")
     _check_runs(model, name, input_shape, num_classes)
     # The model describes itself, so that an artifact can rebuild it (timm's pretrained_cfg).
-    model.modeconn_config = {
+    # Module.__setattr__'s stub allows only Tensor | Module values; any value works at run time.
+    model.modeconn_config = {  # pyright: ignore[reportArgumentType]
         "name": name,
         "input_shape": list(input_shape),
         "num_classes": num_classes,

@@ -8,6 +8,8 @@ a per-channel affine, which needs no running statistics (Git Re-Basin's ResNet v
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -82,7 +84,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.norm(self.conv(x)))  # (N, 16w, H, W)
         for stage in self.stages:
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):  # stages hold ModuleLists
                 x = block(x)  # (N, C_s, H_s, W_s)
         x = x.mean(dim=(2, 3))  # (N, 64w): global average pool
         return self.head(x)  # (N, num_classes)

@@ -28,9 +28,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from modeconn.types import StateDict
-
 __all__ = [
+    "StateDict",
     "Segment",
     "AxisEntry",
     "PermutationSpec",
@@ -44,6 +43,9 @@ __all__ = [
     "spec_from_json",
     "rename_groups",
 ]
+
+#: Parameters or buffers keyed like ``model.state_dict()`` (defined here so models needs no modeconn).
+StateDict: TypeAlias = dict[str, Tensor]
 
 #: ``(group or None, count, inner)``: ``count`` blocks of ``inner`` consecutive elements.
 Segment: TypeAlias = tuple[str | None, int, int]

@@ -8,7 +8,7 @@ import torch
 from modeconn.artifact import load_artifact, save_artifact
 from modeconn.bn import recompute_bn
 from modeconn.checkpoint import load_checkpoint
-from modeconn.objective import model_parameters
+from modeconn.fit.objective import model_parameters
 from modeconn.pipeline import fit_artifact
 
 

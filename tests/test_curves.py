@@ -12,11 +12,13 @@ import torch
 from modeconn.artifact import load_artifact
 from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
-from modeconn.curves import CurveConfig, CurveTrainer, curve_lr_factor
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path, predict
-from modeconn.methods import connect, make_config
-from modeconn.objective import energy_objective
+from modeconn.fit.configs import CurveConfig
+from modeconn.fit.connect import connect
+from modeconn.fit.curves import CurveTrainer, curve_lr_factor
+from modeconn.fit.methods import make_config
+from modeconn.fit.objective import energy_objective
 from modeconn.paths import Bezier, PolyChain, bezier_coefficients, linear
 from modeconn.pipeline import fit_artifact
 from modeconn.types import VECTOR_KEY
@@ -190,7 +192,7 @@ def test_model_fit_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path):
     ckpt = tmp_path / "fit.safetensors"
     connect(ring, A_RING, B_RING, method="bezier", epochs=2, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="different fit"):
+    with pytest.raises(ValueError, match="different bezier fit .different options: epochs .saved 2, now 3"):
         connect(ring, A_RING, B_RING, method="bezier", epochs=3, checkpoint=ckpt, resume=True)
 
 

@@ -14,8 +14,10 @@ from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path, predict
-from modeconn.fge import ensemble_metrics, fge, fge_artifact, fge_lr
+from modeconn.fit.connect import connect
+from modeconn.fit.fge import fge_lr
 from modeconn.paths import Bezier, PointSet, linear, stack_nodes
+from modeconn.pipeline import ensemble_metrics, fit_artifact
 from modeconn.plane import loss_plane, plane_basis
 
 NUM_STEPS = 1437 // 128  # digits: steps per epoch at batch 128
@@ -43,7 +45,9 @@ def test_fge_members_differ_and_the_ensemble_is_not_worse(mlp_pair, digits):
     model = a.build_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats: dict = {}
-    members = fge(model, a.state, digits, cycles=3, cycle_epochs=4, stats=stats)
+    members = connect(
+        model, a.state, None, "fge", data=digits, cycles=3, cycle_epochs=4, stats=stats
+    )
     assert isinstance(members, PointSet) and members.num_nodes == 3
     assert [float(k) for k in members.knots()] == [0.0, 0.5, 1.0]
     assert stats["gradient_evaluations"] == 3 * 4 * NUM_STEPS
@@ -64,7 +68,7 @@ def test_fge_members_differ_and_the_ensemble_is_not_worse(mlp_pair, digits):
 def test_fge_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
     a = load_checkpoint(mlp_pair[0])
     options = {"cycles": 3, "cycle_epochs": 2, "seed": 4}
-    reference = fge(a.build_model(), a.state, digits, **options)
+    reference = connect(a.build_model(), a.state, None, "fge", data=digits, **options)
     calls = {"n": 0}
 
     def dying(x, generator):
@@ -81,11 +85,14 @@ def test_fge_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
 
     ckpt = tmp_path / "fge.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        fge(a.build_model(), a.state, data_with(dying), checkpoint=ckpt, **options)
+        connect(
+            a.build_model(), a.state, None, "fge", data=data_with(dying), checkpoint=ckpt,
+            **options,
+        )  # fmt: skip
     stats: dict = {}
-    resumed = fge(
-        a.build_model(), a.state, data_with(lambda x, g: x), checkpoint=ckpt, resume=True,
-        stats=stats, **options,
+    resumed = connect(
+        a.build_model(), a.state, None, "fge", data=data_with(lambda x, g: x), checkpoint=ckpt,
+        resume=True, stats=stats, **options,
     )  # fmt: skip
     assert stats["resumed_from_cycle"] == 1
     for key, value in reference.nodes.items():
@@ -94,8 +101,8 @@ def test_fge_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
 
 def test_fge_artifact_of_a_bn_model_loads_as_points(bn_pair, digits, tmp_path):
     a = load_checkpoint(bn_pair[0])
-    artifact, metrics = fge_artifact(
-        a, digits, out=tmp_path / "fge", params={"cycles": 2, "cycle_epochs": 2}
+    artifact, metrics = fit_artifact(
+        a, None, digits, "fge", out=tmp_path / "fge", params={"cycles": 2, "cycle_epochs": 2}
     )
     loaded = load_artifact(tmp_path / "fge")
     m = loaded.manifest

@@ -15,18 +15,19 @@ from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path
-from modeconn.fitting import FitContext
-from modeconn.geodesic import (
-    GeodesicConfig,
+from modeconn.fit.configs import GeodesicConfig
+from modeconn.fit.connect import connect
+from modeconn.fit.geodesic import (
     chain_energy,
     chain_length,
     fit_geodesic,
     initial_nodes,
     node_log_probs,
 )
-from modeconn.methods import connect, make_config
+from modeconn.fit.methods import make_config
+from modeconn.fit.objective import model_objective
+from modeconn.fit.state import FitContext
 from modeconn.metrics import jsd_from_logits
-from modeconn.objective import model_objective
 from models import create_model
 
 # ---------------------------------------------------------------------------------------------

@@ -8,20 +8,12 @@ import math
 import pytest
 import torch
 
-import modeconn.methods  # noqa: F401
 from modeconn.evaluate import evaluate_energy_path
+from modeconn.fit.configs import DEFAULT_CYCLES, AutoNEBConfig, CycleConfig
+from modeconn.fit.connect import connect
+from modeconn.fit.methods import load_config, make_config
+from modeconn.fit.neb import arc_positions, improved_tangents, project_out, respace
 from modeconn.io import load_tensors
-from modeconn.methods import connect
-from modeconn.neb import (
-    DEFAULT_CYCLES,
-    AutoNEBConfig,
-    CycleConfig,
-    arc_positions,
-    improved_tangents,
-    load_config,
-    project_out,
-    respace,
-)
 
 F64 = torch.float64
 
@@ -244,9 +236,9 @@ def test_schedules_validate_and_the_reference_schedule_ships():
     default = load_config(resources.files("modeconn") / "configs" / "autoneb_default.yaml")
     assert default.cycles == list(DEFAULT_CYCLES) == AutoNEBConfig().cycles
     with pytest.raises(ValueError, match="cycles.0.lr"):
-        modeconn.methods.make_config("autoneb", cycles=[{"steps": 10, "lr": -1}])
+        make_config("autoneb", cycles=[{"steps": 10, "lr": -1}])
     with pytest.raises(ValueError, match="first cycle must insert"):
-        modeconn.methods.make_config("autoneb", cycles=[{"steps": 10, "lr": 0.1, "insert": "none"}])
+        make_config("autoneb", cycles=[{"steps": 10, "lr": 0.1, "insert": "none"}])
     with pytest.raises(ValueError, match="stepz"):
         CycleConfig(steps=1, lr=1.0, stepz=3)
 
@@ -286,7 +278,7 @@ def test_interrupted_fit_resumes_to_the_identical_path(tmp_path, mb_points):
     ckpt = tmp_path / "state.safetensors"
     with pytest.raises(_Interrupt):  # dies in the middle of cycle 2
         connect(_flaky(muller_brown, 500), m_a, m_c, method="autoneb", checkpoint=ckpt, **options)
-    meta = load_tensors(ckpt)[1]
+    meta = load_tensors(ckpt)[1]["progress"]
     assert (meta["cycle"], meta["step"], meta["mid_cycle"]) == (1, 50, True)  # cycle 2, step 50
     stats: dict = {}
     resumed = connect(
@@ -362,7 +354,7 @@ def test_model_fit_resumes_exactly_with_the_data_stream(mlp_pair, digits, tmp_pa
     with pytest.raises(_Interrupt):
         connect(model, a.state, b.state, "neb", data=digits, checkpoint=ckpt, **options)
     handle.remove()
-    assert load_tensors(ckpt)[1]["step"] == 30  # the mid-cycle save
+    assert load_tensors(ckpt)[1]["progress"]["step"] == 30  # the mid-cycle save
     resumed = connect(
         model, a.state, b.state, "neb", data=digits, checkpoint=ckpt, resume=True, **options
     )

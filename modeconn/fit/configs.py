@@ -1,0 +1,319 @@
+"""The options of every connection method: one frozen pydantic model each, with the papers'
+defaults and the reasons where ours differ.
+
+Torch-free on purpose: the CLI derives each method's flags and help from these models without
+loading torch, and a YAML file of options is validated here once. The fitters that consume
+them live one per module beside this one; the table that joins the two is
+:mod:`modeconn.fit.methods`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "MethodConfig",
+    "LinearConfig",
+    "CurveConfig",
+    "CycleConfig",
+    "ChainConfig",
+    "NEBConfig",
+    "AutoNEBConfig",
+    "GeodesicConfig",
+    "FGEConfig",
+    "DEFAULT_CYCLES",
+    "MODEL_EPOCHS",
+    "ENERGY_EPOCHS",
+    "GEODESIC_STEPS",
+    "read_options",
+]
+
+Engine = Literal["auto", "vmap", "loop"]
+
+_ENGINE_HELP = (
+    "how the nodes are run: vmap (stacked), loop, or auto (vmap unless the model has "
+    "convolutions and runs on CPU)"
+)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's options: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, description="seed of the initial perturbation and the data order")
+
+
+class LinearConfig(MethodConfig):
+    """The straight line: nothing to fit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Garipov et al. 2018: Bezier curves and polygonal chains
+
+#: Default epochs when ``CurveConfig.epochs`` is None: over the data for a model, and of
+#: ``objective.steps_per_epoch`` (100) steps for an energy function.
+MODEL_EPOCHS = 200
+ENERGY_EPOCHS = 50
+
+
+class CurveConfig(MethodConfig):
+    """Options of the ``bezier`` and ``polychain`` methods (Garipov et al. 2018).
+
+    The paper (CIFAR, K = 3) used batch 128, 200-600 epochs, lr 0.015-0.03 and weight decay
+    3e-4 to 5e-4. The defaults (200 epochs, lr 0.015, wd 5e-4) fit a digits MLP in well under
+    a minute on two CPU cores. lr 0.015 rather than 0.03: a chain's middle node sees the full
+    curvature of the loss at t = 0.5 (a Bezier control point a quarter of it), and at 0.03 the
+    polygonal chain on the seed's ring diverged for one seed in eight. For an energy function
+    an epoch is ``objective.steps_per_epoch`` steps (100), and the default budget is 50 epochs
+    (5,000 steps): enough for the ring without tuning.
+    """
+
+    nodes: int = Field(3, ge=3, description="control points of the curve, endpoints included (K)")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description=f"training epochs (default: {MODEL_EPOCHS} over the data for a model; "
+        f"{ENERGY_EPOCHS} epochs of 100 steps for an energy function)",
+    )
+    lr: float = Field(0.015, gt=0, description="base learning rate of SGD (the paper: 0.015-0.03)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(
+        5e-4, ge=0, description="weight decay 0.5*wd*|w(t)|^2 on the point w(t)"
+    )
+    batch_size: int = Field(128, ge=1, description="mini-batch size")
+    init_noise: float = Field(
+        0.01,
+        ge=0,
+        description="std of the seeded perturbation of the interior control points at the "
+        "start, relative to the RMS of B - A per tensor",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Draxler et al. 2018: NEB and AutoNEB
+
+
+class CycleConfig(BaseModel):
+    """One AutoNEB cycle: insert pivots, then ``steps`` NEB steps with a fresh optimiser.
+
+    ``repeat`` runs the same entry several times in a row (each a cycle of its own, with its
+    own insertion), so a schedule reads like the paper's: "4 cycles of 1000 steps at lr 0.1".
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(gt=0, description="NEB steps in the cycle")
+    lr: float = Field(gt=0, description="learning rate of the cycle's optimiser")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="adam (scale-free step, the default) or sgd with momentum"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
+    weight_decay: float = Field(0.0, ge=0, description="0.5*wd*|w|^2 added to every pivot's loss")
+    insert: Literal["equal", "highest", "none"] = Field(
+        "highest", description="where to insert pivots before the cycle's steps"
+    )
+    insert_count: int = Field(
+        2, ge=0, description="equal: pivots per gap; highest: at most this many pivots"
+    )
+    repeat: int = Field(1, ge=1, description="run this entry this many times in a row")
+
+
+#: Default AutoNEB schedule: 8 cycles of 300 Adam steps, lr 3e-3 -> 1e-3 -> 3e-4; a few minutes
+#: for two digits MLPs (64-256-256-10) on 2 CPU cores, seconds for a 2-D test surface.
+DEFAULT_CYCLES: tuple[CycleConfig, ...] = (
+    CycleConfig(steps=300, lr=3e-3, insert="equal", insert_count=3),
+    CycleConfig(steps=300, lr=3e-3, insert="highest", insert_count=2, repeat=3),
+    CycleConfig(steps=300, lr=1e-3, insert="highest", insert_count=2, repeat=2),
+    CycleConfig(steps=300, lr=3e-4, insert="highest", insert_count=2, repeat=2),
+)
+
+
+class ChainConfig(MethodConfig):
+    """Options that NEB and AutoNEB share; :meth:`schedule` lists the cycles to run."""
+
+    batch_size: int = Field(128, gt=0, description="mini-batch size (models only)")
+    init_noise: float = Field(
+        0.01,
+        ge=0,
+        description="seeded initial bump of the interior pivots (a smooth bend along a random "
+        "direction), relative to |B - A|",
+    )
+    subsample: int = Field(
+        9, ge=1, description="points evaluated between neighbouring pivots (insertion, barrier)"
+    )
+    eval_size: int = Field(
+        2048, ge=0, description="training examples for the dense loss between pivots (0: all)"
+    )
+    engine: Engine = Field("auto", description=_ENGINE_HELP)
+
+    def schedule(self) -> list[CycleConfig]:
+        raise NotImplementedError
+
+
+class NEBConfig(ChainConfig):
+    """Plain NEB: ``nodes`` pivots (endpoints included), one optimiser, no insertion."""
+
+    nodes: int = Field(9, ge=3, description="pivots of the chain, endpoints included")
+    steps: int = Field(1500, gt=0, description="NEB steps")
+    lr: float = Field(3e-3, gt=0, description="learning rate (of Adam by default)")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam or sgd (with momentum)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
+    weight_decay: float = Field(0.0, ge=0, description="0.5*wd*|w|^2 added to the loss")
+
+    def schedule(self) -> list[CycleConfig]:
+        return [
+            CycleConfig(
+                steps=self.steps,
+                lr=self.lr,
+                optimizer=self.optimizer,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                insert="equal",
+                insert_count=self.nodes - 2,
+            )
+        ]
+
+
+class AutoNEBConfig(ChainConfig):
+    """AutoNEB: a schedule of NEB cycles that insert pivots where the chain needs them."""
+
+    cycles: list[CycleConfig] = Field(
+        default_factory=lambda: list(DEFAULT_CYCLES),
+        description="the cycle schedule (from --config FILE.yaml)",
+    )
+    insert_threshold: float = Field(
+        0.1,
+        ge=0,
+        description="insert only where the loss rises above the chord by this share of the "
+        "chain's loss range",
+    )
+    max_nodes: int = Field(33, ge=3, description="never grow the chain beyond this many pivots")
+
+    @field_validator("cycles")
+    @classmethod
+    def _not_empty(cls, cycles: list[CycleConfig]) -> list[CycleConfig]:
+        if not cycles:
+            raise ValueError("the schedule needs at least one cycle")
+        return cycles
+
+    @model_validator(mode="after")
+    def _first_cycle_inserts(self) -> AutoNEBConfig:
+        first = self.cycles[0]
+        if first.insert == "equal" and 2 + first.insert_count > self.max_nodes:
+            raise ValueError(
+                f"the first cycle inserts {first.insert_count} pivots, more than "
+                f"max_nodes={self.max_nodes} allows"
+            )
+        if first.insert == "none" or first.insert_count == 0:
+            raise ValueError(
+                "the first cycle must insert pivots between the endpoints "
+                f"(got insert={first.insert!r}, insert_count={first.insert_count}); "
+                "use insert: equal with insert_count >= 1"
+            )
+        return self
+
+    def schedule(self) -> list[CycleConfig]:
+        return [c for c in self.cycles for _ in range(c.repeat)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tan et al. 2023: geodesic chains
+
+#: Default step budget. The paper ran ~3,900 steps (20 epochs of CIFAR-10 at batch 256). 1,500
+#: steps over 25 digits MLPs take ~1.5 min at width 256 (~60 ms a step on 2 idle CPU cores) and
+#: well under a minute at width 16.
+GEODESIC_STEPS = 1500
+
+
+class GeodesicConfig(MethodConfig):
+    """Options of the geodesic method (Tan et al. 2023); defaults are the paper's."""
+
+    nodes: int = Field(
+        25, ge=2, description="models on the chain, endpoints included (the paper's N = 25)"
+    )
+    steps: int = Field(
+        GEODESIC_STEPS,
+        ge=0,
+        description="optimiser steps (~3,900 in the paper; a budget in steps suits small data)",
+    )
+    lr: float = Field(0.1, gt=0, description="learning rate (the paper's 0.1 with plain SGD)")
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd (the paper's, plain by default) or adam"
+    )
+    momentum: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="SGD momentum, or Adam's beta1 (default: 0 for sgd, 0.9 for adam)",
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="learning rate over the steps: constant (the paper's) or cosine to 0",
+    )
+    batch_size: int = Field(256, ge=1, description="mini-batch size (the paper's 256)")
+    init_noise: float = Field(
+        1e-3,
+        ge=0,
+        description="seeded perturbation of the interior models at the start, relative to the "
+        "RMS of B - A per tensor",
+    )
+    engine: Engine = Field("auto", description=_ENGINE_HELP)
+    length_inputs: int = Field(
+        1024,
+        ge=1,
+        description="training inputs (a fixed, evenly strided subset) for the lengths in the stats",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Garipov et al. 2018, section 5: Fast Geometric Ensembling
+
+
+class FGEConfig(MethodConfig):
+    """Options of Fast Geometric Ensembling: lr1 0.05 and lr2 1e-4 as in the paper's code.
+
+    The paper's cycles of 2-4 epochs are 800-1,600 steps on CIFAR; a digits epoch is 11 steps,
+    and 4-epoch cycles leave the members almost identical (6 members from a width-16 digits
+    MLP: ensemble test NLL 0.1598, start 0.1597), so the default cycle is 20 epochs (0.1582;
+    width 256: 0.1004 vs 0.1045). On large data sets set ``cycle_epochs`` to 2-4.
+    """
+
+    cycles: int = Field(6, ge=2, description="number of cycles = ensemble members")
+    cycle_epochs: int = Field(
+        20,
+        ge=1,
+        description="epochs per cycle (the paper: 2 to 4 CIFAR epochs, ~800-1,600 steps; "
+        "20 digits epochs are 220 steps)",
+    )
+    lr1: float = Field(0.05, gt=0, description="learning rate at the start and end of a cycle")
+    lr2: float = Field(
+        1e-4, gt=0, description="learning rate at mid-cycle, where members are taken"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    batch_size: int = Field(128, ge=1, description="mini-batch size")
+
+
+def read_options(path: str | os.PathLike) -> dict:
+    """The mapping of option: value in a YAML file (e.g. ``configs/autoneb_resnet20.yaml``).
+
+    Validate it with :func:`modeconn.fit.methods.make_config`.
+    """
+    import yaml
+
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"options file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of option: value, got {type(loaded).__name__}"
+        )
+    return loaded
