@@ -7,8 +7,9 @@ from typing import TypeAlias
 
 from torch import Tensor
 
-#: Parameters or buffers keyed like ``model.state_dict()``.
-StateDict: TypeAlias = dict[str, Tensor]
+from models.spec import StateDict  # parameters or buffers keyed like ``model.state_dict()``
+
+__all__ = ["StateDict", "StackedStateDict", "Energy", "Batch", "BatchIterator", "VECTOR_KEY"]
 
 #: Nodes of a path stacked along a new leading axis: each value has shape ``(K, *param_shape)``.
 StackedStateDict: TypeAlias = dict[str, Tensor]

@@ -12,7 +12,6 @@ import torch
 from modeconn.artifact import load_artifact
 from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
-from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path, predict
 from modeconn.fit.configs import CurveConfig
 from modeconn.fit.connect import connect
@@ -125,75 +124,6 @@ def test_seed_picks_the_side_and_is_reproducible():
     p1 = connect(ring, A_RING, B_RING, method="bezier", epochs=10, seed=3)
     p2 = connect(ring, A_RING, B_RING, method="bezier", epochs=10, seed=3)
     assert torch.equal(p1.nodes[VECTOR_KEY], p2.nodes[VECTOR_KEY])
-
-
-# -- resume --------------------------------------------------------------------------------
-
-
-class _Kill(Exception):
-    pass
-
-
-def _dying(fn, after: int):
-    """``fn`` that raises after ``after`` calls: a run killed mid-epoch."""
-    calls = {"n": 0}
-
-    def wrapped(*args):
-        calls["n"] += 1
-        if calls["n"] > after:
-            raise _Kill
-        return fn(*args)
-
-    return wrapped
-
-
-@pytest.mark.parametrize("method", ["bezier", "polychain"])
-def test_energy_fit_resumes_bitwise_identical(tmp_path, method):
-    options = {"epochs": 6, "nodes": 4, "seed": 2}
-    reference = connect(ring, A_RING, B_RING, method=method, **options)
-    ckpt = tmp_path / "fit.safetensors"
-    with pytest.raises(_Kill):
-        connect(_dying(ring, 250), A_RING, B_RING, method=method, checkpoint=ckpt, **options)
-    assert ckpt.exists()
-    stats: dict = {}
-    resumed = connect(
-        ring, A_RING, B_RING, method=method, checkpoint=ckpt, resume=True, stats=stats, **options
-    )
-    assert stats["resumed_from_epoch"] == 2
-    assert torch.equal(resumed.nodes[VECTOR_KEY], reference.nodes[VECTOR_KEY])
-
-
-def test_model_fit_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
-    a, b = (load_checkpoint(p) for p in mlp_pair)
-    options = {"epochs": 4, "seed": 5}
-
-    def data_with(augment):
-        return Dataset(
-            "digits", digits.x_train, digits.y_train, digits.x_test, digits.y_test, 10,
-            augment=augment,
-        )  # fmt: skip
-
-    identity = lambda x, generator: x  # noqa: E731  (counts as the augmentation hook)
-    reference = connect(a.build_model(), a.state, b.state, "bezier", data=digits, **options)
-    ckpt = tmp_path / "fit.safetensors"
-    with pytest.raises(_Kill):
-        connect(
-            a.build_model(), a.state, b.state, "bezier", checkpoint=ckpt,
-            data=data_with(_dying(identity, 25)), **options,
-        )  # fmt: skip
-    resumed = connect(
-        a.build_model(), a.state, b.state, "bezier", checkpoint=ckpt, resume=True,
-        data=data_with(identity), **options,
-    )  # fmt: skip
-    for key, value in reference.nodes.items():
-        assert torch.equal(resumed.nodes[key], value), key
-
-
-def test_resume_refuses_a_checkpoint_of_another_fit(tmp_path):
-    ckpt = tmp_path / "fit.safetensors"
-    connect(ring, A_RING, B_RING, method="bezier", epochs=2, checkpoint=ckpt)
-    with pytest.raises(ValueError, match="different bezier fit .different options: epochs .saved 2, now 3"):
-        connect(ring, A_RING, B_RING, method="bezier", epochs=3, checkpoint=ckpt, resume=True)
 
 
 # -- models --------------------------------------------------------------------------------

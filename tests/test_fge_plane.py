@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from modeconn.artifact import load_artifact
 from modeconn.checkpoint import load_checkpoint
 from modeconn.cli import main
-from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path, predict
 from modeconn.fit.connect import connect
 from modeconn.fit.fge import fge_lr
@@ -63,40 +62,6 @@ def test_fge_members_differ_and_the_ensemble_is_not_worse(mlp_pair, digits):
     assert ens["test_nll"] <= ens["test_member_nll_mean"]  # averaging probabilities helps
     assert ens["test_nll"] <= start["test_nll"] * 1.05
     assert ens["test_acc"] >= start["test_acc"] - 0.01
-
-
-def test_fge_resumes_bitwise_identical(mlp_pair, digits, tmp_path):
-    a = load_checkpoint(mlp_pair[0])
-    options = {"cycles": 3, "cycle_epochs": 2, "seed": 4}
-    reference = connect(a.build_model(), a.state, None, "fge", data=digits, **options)
-    calls = {"n": 0}
-
-    def dying(x, generator):
-        calls["n"] += 1
-        if calls["n"] > 3 * NUM_STEPS:  # killed in the middle of the second cycle
-            raise KeyboardInterrupt
-        return x
-
-    def data_with(augment):
-        return Dataset(
-            "digits", digits.x_train, digits.y_train, digits.x_test, digits.y_test, 10,
-            augment=augment,
-        )  # fmt: skip
-
-    ckpt = tmp_path / "fge.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        connect(
-            a.build_model(), a.state, None, "fge", data=data_with(dying), checkpoint=ckpt,
-            **options,
-        )  # fmt: skip
-    stats: dict = {}
-    resumed = connect(
-        a.build_model(), a.state, None, "fge", data=data_with(lambda x, g: x), checkpoint=ckpt,
-        resume=True, stats=stats, **options,
-    )  # fmt: skip
-    assert stats["resumed_from_cycle"] == 1
-    for key, value in reference.nodes.items():
-        assert torch.equal(resumed.nodes[key], value), key
 
 
 def test_fge_artifact_of_a_bn_model_loads_as_points(bn_pair, digits, tmp_path):

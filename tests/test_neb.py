@@ -13,7 +13,6 @@ from modeconn.fit.configs import DEFAULT_CYCLES, AutoNEBConfig, CycleConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import load_config, make_config
 from modeconn.fit.neb import arc_positions, improved_tangents, project_out, respace
-from modeconn.io import load_tensors
 
 F64 = torch.float64
 
@@ -244,61 +243,6 @@ def test_schedules_validate_and_the_reference_schedule_ships():
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume
-
-
-class _Interrupt(Exception):
-    pass
-
-
-def _flaky(energy, calls: int):
-    count = {"n": 0}
-
-    def wrapped(w):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise _Interrupt
-        return energy(w)
-
-    return wrapped
-
-
-def test_interrupted_fit_resumes_to_the_identical_path(tmp_path, mb_points):
-    m_a, m_c, _ = mb_points
-    options = {
-        "cycles": [
-            {"steps": 60, "lr": 0.01, "insert": "equal", "insert_count": 3},
-            {"steps": 60, "lr": 0.003, "repeat": 2},
-        ],
-        "engine": "loop",  # every pivot is one call of the energy: interrupt mid-cycle
-        "checkpoint_every": 25,
-    }
-    full_stats: dict = {}
-    full = connect(muller_brown, m_a, m_c, method="autoneb", stats=full_stats, **options)
-    ckpt = tmp_path / "state.safetensors"
-    with pytest.raises(_Interrupt):  # dies in the middle of cycle 2
-        connect(_flaky(muller_brown, 500), m_a, m_c, method="autoneb", checkpoint=ckpt, **options)
-    meta = load_tensors(ckpt)[1]["progress"]
-    assert (meta["cycle"], meta["step"], meta["mid_cycle"]) == (1, 50, True)  # cycle 2, step 50
-    stats: dict = {}
-    resumed = connect(
-        muller_brown,
-        m_a,
-        m_c,
-        method="autoneb",
-        checkpoint=ckpt,
-        resume=True,
-        stats=stats,
-        **options,
-    )
-    assert torch.equal(resumed.nodes["w"], full.nodes["w"])
-    assert torch.equal(resumed.knots(), full.knots())
-    assert stats["gradient_evaluations"] == full_stats["gradient_evaluations"]
-    with pytest.raises(ValueError, match="different options"):
-        connect(muller_brown, m_a, m_c, method="autoneb", checkpoint=ckpt, resume=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Digits MLPs
 
 
@@ -333,32 +277,6 @@ def test_autoneb_removes_most_of_the_barrier_between_digits_mlps(mlp_pair, digit
 
     a = load_checkpoint(mlp_pair[0])
     assert all(torch.equal(path.nodes[k][0], a.state[k]) for k in path.nodes)
-
-
-def test_model_fit_resumes_exactly_with_the_data_stream(mlp_pair, digits, tmp_path):
-    from modeconn.checkpoint import load_checkpoint
-
-    a, b = load_checkpoint(mlp_pair[0]), load_checkpoint(mlp_pair[1])
-    model = a.build_model()
-    options = {"nodes": 5, "steps": 40, "checkpoint_every": 15}  # 11 batches an epoch
-    full = connect(model, a.state, b.state, "neb", data=digits, **options)
-    calls = {"n": 0}
-
-    def hook(module, args):
-        calls["n"] += 1
-        if calls["n"] > 2 + 33:  # 2 endpoint losses, then one (vmap) call a step: dies at 34
-            raise _Interrupt
-
-    ckpt = tmp_path / "neb.safetensors"
-    handle = model.register_forward_pre_hook(hook)
-    with pytest.raises(_Interrupt):
-        connect(model, a.state, b.state, "neb", data=digits, checkpoint=ckpt, **options)
-    handle.remove()
-    assert load_tensors(ckpt)[1]["progress"]["step"] == 30  # the mid-cycle save
-    resumed = connect(
-        model, a.state, b.state, "neb", data=digits, checkpoint=ckpt, resume=True, **options
-    )
-    assert all(torch.equal(resumed.nodes[k], full.nodes[k]) for k in full.nodes)
 
 
 # ---------------------------------------------------------------------------------------------
