@@ -52,6 +52,7 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
         0.95,
         "K x one member / fused graph, batch 256 (worst K, model)",
     ),
+    ("cli", "worst_help_seconds", "<=", 0.5, "slowest `modeconn ... --help`, fresh process (s)"),
     ("service", "summary/overhead_p50_ms_batch1", "<=", 5.0, "HTTP p50 overhead at batch 1 (ms)"),
     (
         "service",

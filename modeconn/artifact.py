@@ -9,20 +9,24 @@ leaves half an artifact; nothing is unpickled when reading.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from modeconn.bn import has_batchnorm, recompute_bn
-from modeconn.checkpoint import ModelSpec
+from modeconn.formats import (
+    BUFFERS_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    NODES_FILE,
+    Manifest,
+    read_manifest,
+)
 from modeconn.io import atomic_dir, load_tensors, save_tensors
 from modeconn.paths import PATH_KINDS, Path, PolyChain
 from modeconn.types import StateDict
@@ -36,11 +40,6 @@ __all__ = [
     "default_served_ts",
     "library_versions",
 ]
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-NODES = "nodes.safetensors"
-BUFFERS = "buffers.safetensors"
 
 
 def default_served_ts(max_k: int = 8) -> list[float]:
@@ -67,51 +66,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelInfo(_Strict):
-    name: str
-    input_shape: list[int]
-    num_classes: int = Field(ge=2)
-    kwargs: dict = {}
-
-
-class DataInfo(_Strict):
-    name: str
-    fingerprint: str = ""
-    input_shape: list[int] = []
-    num_classes: int = 0
-    train_size: int = 0
-    test_size: int = 0
-    preprocessing: dict = {}
-
-
-class Manifest(_Strict):
-    """Everything a consumer needs to know about a path artifact, validated on load."""
-
-    format_version: Literal[1] = FORMAT_VERSION
-    kind: Literal["path", "points"] = "path"
-    method: str
-    basis: Literal["bezier", "polychain", "points"]
-    num_nodes: int = Field(ge=1)
-    knots: list[float]
-    model: ModelInfo
-    data: DataInfo | None = None
-    alignment: dict | None = None
-    endpoints: dict = {}
-    served_ts: list[float] = []
-    metrics: dict = {}
-    fit: dict = {}
-    seed: int = 0
-    versions: dict = {}
-    created: str = ""
-
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec.from_json(self.model.model_dump())
-
-
 @dataclass
 class PathArtifact:
     """A loaded (or about to be saved) artifact: manifest, path and BN buffers per served t."""
@@ -128,11 +82,8 @@ class PathArtifact:
         return self.manifest.model_spec().build()
 
     def served_t(self, t: float) -> float | None:
-        """The served t value within 1e-6 of ``t``, if any."""
-        for served in self.manifest.served_ts:
-            if abs(served - t) <= 1e-6:
-                return served
-        return None
+        """The served t value that ``t`` names, if any."""
+        return self.manifest.served_t(t)
 
     def state_at(self, t: float, model: nn.Module | None = None) -> StateDict:
         """A full state dict at ``t``: parameters on the path plus its stored BN statistics.
@@ -185,7 +136,7 @@ def save_artifact(directory: str | os.PathLike, artifact: PathArtifact) -> FsPat
         manifest = manifest.model_copy(update=updates)
         artifact.manifest = manifest
     with atomic_dir(directory) as tmp:
-        save_tensors(tmp / NODES, artifact.path.nodes, {"format": "modeconn.nodes/1"})
+        save_tensors(tmp / NODES_FILE, artifact.path.nodes, {"format": "modeconn.nodes/1"})
         if artifact.buffers:
             index = {f"{i}": t for i, t in enumerate(artifact.buffers)}
             flat = {
@@ -193,34 +144,20 @@ def save_artifact(directory: str | os.PathLike, artifact: PathArtifact) -> FsPat
                 for i, t in enumerate(artifact.buffers)
                 for key, value in artifact.buffers[t].items()
             }
-            save_tensors(tmp / BUFFERS, flat, {"format": "modeconn.buffers/1", "ts": index})
-        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+            save_tensors(tmp / BUFFERS_FILE, flat, {"format": "modeconn.buffers/1", "ts": index})
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
     return directory
 
 
 def load_artifact(directory: str | os.PathLike) -> PathArtifact:
     """Read and check an artifact written by :func:`save_artifact`."""
     directory = FsPath(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"artifact directory not found: {directory}")
-    manifest_file = directory / MANIFEST
-    if not manifest_file.is_file():
-        raise ValueError(f"{directory} is not a modeconn artifact: it has no {MANIFEST}")
-    try:
-        manifest = Manifest.model_validate_json(manifest_file.read_text())
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
-        )
-        raise ValueError(f"{manifest_file} is not a valid manifest: {problems}") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {manifest_file}: {err}") from err
-
-    nodes, _ = load_tensors(directory / NODES, what="artifact nodes file")
+    manifest = read_manifest(directory)
+    nodes, _ = load_tensors(directory / NODES_FILE, what="artifact nodes file")
     sizes = {key: tuple(v.shape) for key, v in nodes.items()}
     if any(len(shape) == 0 or shape[0] != manifest.num_nodes for shape in sizes.values()):
         raise ValueError(
-            f"{directory}: the manifest says {manifest.num_nodes} nodes but {NODES} holds tensors "
+            f"{directory}: the manifest says {manifest.num_nodes} nodes but {NODES_FILE} holds tensors "
             f"with leading sizes {sorted({s[0] if s else 0 for s in sizes.values()})}"
         )
     path_cls = PATH_KINDS[manifest.basis]
@@ -230,8 +167,8 @@ def load_artifact(directory: str | os.PathLike) -> PathArtifact:
         path = path_cls(nodes)
 
     buffers: dict[float, StateDict] = {}
-    if (directory / BUFFERS).exists():
-        flat, meta = load_tensors(directory / BUFFERS, what="artifact buffers file")
+    if (directory / BUFFERS_FILE).exists():
+        flat, meta = load_tensors(directory / BUFFERS_FILE, what="artifact buffers file")
         index = {int(i): float(t) for i, t in meta.get("ts", {}).items()}
         for key, value in flat.items():
             tag, _, name = key.partition("/")

@@ -1,17 +1,23 @@
 """The ``modeconn`` command line.
 
 Each sub-command lives in its own module under :mod:`modeconn.commands` and exposes
-``register(subparsers)``; the module list below is the whole table. User errors (a missing file,
-a bad option, data that does not fit the model) print one line on stderr and exit with status 2;
-``--verbose`` shows the traceback instead.
+``register(subparsers)`` and ``run(args)``; a command whose options depend on other options
+(``connect --method M``) takes ``register(subparsers, argv)`` and reads the command line
+itself. The module list below is the whole table. The modules import only light modules at the
+top (never torch), so that ``--help`` is quick; each imports what it needs inside ``run``.
+
+User errors (a missing file, a bad option, data that does not fit the model) print one line on
+stderr and exit with status 2; ``--verbose`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import sys
+from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -31,7 +37,9 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for the command line ``argv`` (default: ``sys.argv[1:]``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="modeconn",
         description="Low-loss paths between trained networks, served as ensembles or merged models.",
@@ -42,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"modeconn.commands.{name}").register(sub)
+        register = importlib.import_module(f"modeconn.commands.{name}").register
+        if len(inspect.signature(register).parameters) > 1:
+            register(sub, argv)
+        else:
+            register(sub)
     return parser
 
 
@@ -51,8 +63,8 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from modeconn.artifact import PathArtifact
 from modeconn.data import Dataset
+from modeconn.formats import match_t
 from modeconn.merge import BnChoice, as_artifact, merge_at, resolve_bn
 from modeconn.metrics import brier, ece
 from modeconn.paths import Path, PointSet, stack_nodes
@@ -81,7 +82,7 @@ def choose_ts(
             raise ValueError(f"k={k} does not match the {len(values)} t values given: {values}")
         if isinstance(path, PointSet):
             knots = [float(x) for x in path.knots()]
-            off = [t for t in values if not any(abs(t - x) <= 1e-6 for x in knots)]
+            off = [t for t in values if match_t(t, knots) is None]
             if off:
                 raise ValueError(
                     f"a point set (FGE ensemble) has members only at t = "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from modeconn.formats import T_TOLERANCE
 from modeconn.types import VECTOR_KEY, StackedStateDict, StateDict
 
 __all__ = [
@@ -213,7 +214,7 @@ class PointSet(PolyChain):
 
     def coefficients(self, t: Tensor | float) -> Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
-        hits = torch.isclose(self._knots, t.reshape(-1, 1), atol=1e-6)  # (T, K)
+        hits = torch.isclose(self._knots, t.reshape(-1, 1), atol=T_TOLERANCE)  # (T, K)
         if not bool(hits.any(dim=1).all()):
             raise ValueError(
                 "a point set (FGE ensemble) is defined only at its members' knots "

@@ -18,9 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeconn.artifact import (
-    DataInfo,
-    Manifest,
-    ModelInfo,
     PathArtifact,
     compute_served_buffers,
     default_served_ts,
@@ -32,6 +29,7 @@ from modeconn.evaluate import evaluate_path, predict
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import get_method, make_config
+from modeconn.formats import DataInfo, Manifest, ModelInfo
 from modeconn.types import StateDict
 from models.spec import PermutationSpec
 

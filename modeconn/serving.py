@@ -12,7 +12,7 @@ only onnxruntime. BatchNorm models get graphs only where the artifact stores BN 
 (its served t values); a point set (FGE) only at its members. The bundle is written to a
 temporary directory and renamed, so a crash never leaves half of one.
 
-Building needs torch (:func:`build_serving`); reading does not (:func:`read_index`,
+Building needs torch (:func:`build_serving`); reading does not (:mod:`modeconn.formats`,
 :func:`find_served`): this module imports torch only inside :func:`build_serving`.
 """
 
@@ -24,119 +24,44 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from modeconn.formats import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SERVING_DIR,
+    ServedGraph,
+    ServingIndex,
+    ensemble_file,
+    match_t,
+    merged_file,
+    read_index,
+    read_manifest,
+    unique_ts,
+)
 
 __all__ = [
-    "SERVING_DIR",
-    "INDEX_FILE",
     "DEFAULT_KS",
     "DEFAULT_TS",
-    "ServedGraph",
-    "ServingIndex",
+    "DEFAULT_MAX_ENSEMBLE_MB",
     "build_serving",
-    "read_index",
     "find_artifacts",
     "find_served",
-    "ensemble_file",
-    "merged_file",
     "save_to_store",
     "store_path",
 ]
 
 log = logging.getLogger("modeconn")
 
-SERVING_DIR = "serving"
-INDEX_FILE = "index.json"
-MANIFEST_FILE = "manifest.json"
-FORMAT = "modeconn.serving/1"
 #: Ensemble sizes built by default (sizes above the member count of a point set are skipped).
 DEFAULT_KS: tuple[int, ...] = (2, 3, 4, 5, 8)
 #: t values of the merged models built by default.
 DEFAULT_TS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Ensembles whose weights would exceed this many megabytes are skipped.
 DEFAULT_MAX_ENSEMBLE_MB = 512.0
-_T_TOL = 1e-6
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServedGraph(_Strict):
-    """One ONNX graph of a bundle."""
-
-    mode: Literal["ensemble", "merged"]
-    k: int = Field(ge=1, description="members in the graph (1 for a merged model)")
-    ts: list[float] = Field(description="the members' t values (one for a merged model)")
-    file: str = Field(description="file name inside the serving directory")
-    size_bytes: int = 0
-    max_abs_diff: float | None = Field(None, description="|onnxruntime - torch| at export")
-    bn: list[str] = Field(default_factory=list, description="BatchNorm statistics per member")
-
-
-class ServingIndex(_Strict):
-    """``serving/index.json``: what a bundle holds and which artifact it was built from."""
-
-    format: Literal["modeconn.serving/1"] = FORMAT
-    name: str = Field(description="the artifact's own name (its directory name at fit time)")
-    method: str
-    kind: Literal["path", "points"] = "path"
-    basis: str = ""
-    model: dict = Field(default_factory=dict, description="{name, kwargs}")
-    input_shape: list[int]
-    num_classes: int
-    preprocessing: dict = Field(default_factory=dict)
-    has_batchnorm: bool = False
-    artifact_created: str = Field("", description="the artifact's creation stamp (staleness)")
-    created: str = ""
-    requested: dict = Field(default_factory=dict, description="{ks, ts} asked for")
-    graphs: list[ServedGraph] = Field(default_factory=list)
-    skipped: list[dict] = Field(default_factory=list, description="graphs not built, and why")
-
-    @property
-    def ensembles(self) -> dict[int, ServedGraph]:
-        """Ensemble graphs by K."""
-        return {g.k: g for g in self.graphs if g.mode == "ensemble"}
-
-    @property
-    def merged(self) -> dict[float, ServedGraph]:
-        """Merged-model graphs by t."""
-        return {g.ts[0]: g for g in self.graphs if g.mode == "merged"}
-
-
-def ensemble_file(k: int) -> str:
-    """File name of the K-member ensemble graph."""
-    return f"ensemble_k{k}.onnx"
-
-
-def merged_file(t: float) -> str:
-    """File name of the merged-model graph at ``t``."""
-    return f"merged_t{t:.4f}.onnx"
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading (no torch)
-
-
-def read_index(artifact_dir: str | os.PathLike) -> ServingIndex:
-    """The bundle index of ``artifact_dir`` (``FileNotFoundError`` if it has none)."""
-    index_file = Path(artifact_dir) / SERVING_DIR / INDEX_FILE
-    if not index_file.is_file():
-        raise FileNotFoundError(
-            f"{artifact_dir} has no serving bundle ({SERVING_DIR}/{INDEX_FILE}); build one with "
-            f"`modeconn serve-build {artifact_dir}`"
-        )
-    try:
-        return ServingIndex.model_validate_json(index_file.read_text())
-    except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
-        )
-        raise ValueError(f"{index_file} is not a valid serving index: {problems}") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read {index_file}: {err}") from err
 
 
 def _walk(root: Path) -> Iterable[Path]:
@@ -183,7 +108,7 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 
 
 def _check_ts(ts: Sequence[float]) -> list[float]:
-    out = []
+    values = []
     for t in ts:
         try:
             value = float(t)
@@ -191,9 +116,8 @@ def _check_ts(ts: Sequence[float]) -> list[float]:
             raise ValueError(f"t values must be numbers in [0, 1], got {t!r}") from err
         if not 0.0 <= value <= 1.0:  # also refuses NaN
             raise ValueError(f"t values must lie in [0, 1], got {t!r}")
-        if not any(abs(value - o) <= _T_TOL for o in out):
-            out.append(value)
-    return sorted(out)
+        values.append(value)
+    return unique_ts(values)
 
 
 def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
@@ -201,8 +125,8 @@ def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
     ks and ts, unless that is None)."""
     try:
         index = read_index(directory)
-        created = json.loads((directory / MANIFEST_FILE).read_text()).get("created", "")
-    except (OSError, ValueError, AttributeError):
+        created = read_manifest(directory).created
+    except (OSError, ValueError):
         return None
     if not created or index.artifact_created != created:
         return None
@@ -264,7 +188,7 @@ def build_serving(
     def unserved(values: Sequence[float]) -> list[float]:
         """t values among ``values`` that this artifact cannot serve without data."""
         if points:
-            return [t for t in values if not any(abs(t - x) <= _T_TOL for x in knots)]
+            return [t for t in values if match_t(t, knots) is None]
         if batchnorm:
             return [t for t in values if artifact.served_t(t) is None]
         return []
@@ -329,18 +253,9 @@ def build_serving(
                 f"{s['mode']} {s.get('k', s.get('t'))}: {s['reason']}" for s in skipped
             )
             raise ValueError(f"{directory}: no graph could be built for serving ({reasons})")
-        data = manifest.data
         index = ServingIndex(
-            name=artifact.name or directory.name,
-            method=manifest.method,
-            kind=manifest.kind,
-            basis=manifest.basis,
-            model={"name": manifest.model.name, "kwargs": manifest.model.kwargs},
-            input_shape=list(manifest.model.input_shape),
-            num_classes=manifest.model.num_classes,
-            preprocessing=dict(data.preprocessing) if data else {},
-            has_batchnorm=batchnorm,
             artifact_created=manifest.created,
+            has_batchnorm=batchnorm,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             requested={"ks": ks, "ts": ts},
             graphs=graphs,
@@ -380,11 +295,12 @@ def save_to_store(artifact_dir: str | os.PathLike, name: str | None = None) -> s
 
     directory = Path(artifact_dir)
     index = read_index(directory)  # refuses an artifact without a bundle
+    manifest = read_manifest(directory)
     name = name or f"modeconn-{directory.name}"
     with bentoml.models.create(
         name,
-        labels={"project": "modeconn", "method": index.method},
-        metadata={"name": index.name, "graphs": len(index.graphs), "kind": index.kind},
+        labels={"project": "modeconn", "method": manifest.method},
+        metadata={"name": manifest.name, "graphs": len(index.graphs), "kind": manifest.kind},
     ) as model:
         target = Path(model.path)
         shutil.copy2(directory / MANIFEST_FILE, target / MANIFEST_FILE)

@@ -2,14 +2,13 @@
 graphs opened once with onnxruntime (CUDA first, CPU fallback), and the checks that turn a
 request into one graph and one input array.
 
-No torch here: manifests are read as JSON, bundles with :func:`modeconn.serving.read_index`,
+No torch here: manifests and bundles are read as the typed records of :mod:`modeconn.formats`,
 graphs with :class:`modeconn.runtime.OnnxModel`. Every user error is a :class:`RequestError`
 carrying an HTTP status and a message that lists the valid choices.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,16 +19,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
 
+from modeconn.formats import (
+    SERVING_DIR,
+    Manifest,
+    ServedGraph,
+    ServingIndex,
+    match_t,
+    read_index,
+    read_manifest,
+)
 from modeconn.runtime import OnnxModel
-from modeconn.serving import SERVING_DIR, ServingIndex, find_served, read_index, store_path
+from modeconn.serving import find_served, store_path
 from service.preprocess import image_to_input, normalize_raw
-from service.schemas import GraphInfo, PathInfo, PredictRequest, PredictResponse
+from service.schemas import PathInfo, PredictRequest, PredictResponse
 
 __all__ = ["RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
 
 log = logging.getLogger("modeconn.service")
-
-_T_TOL = 1e-6
 
 
 class RequestError(Exception):
@@ -50,11 +56,8 @@ def _fmt(values) -> str:
 class Graph:
     """One ONNX graph of a served path, opened on first use (or at start with ``preload``)."""
 
-    mode: str  # "ensemble" | "merged"
-    k: int
-    ts: list[float]
+    entry: ServedGraph  # what the serving index says of it
     file: Path
-    size_bytes: int
     name: str
     device: str = "auto"
     threads: int | None = None
@@ -81,6 +84,18 @@ class Graph:
     def loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def mode(self) -> str:
+        return self.entry.mode
+
+    @property
+    def k(self) -> int:
+        return self.entry.k
+
+    @property
+    def ts(self) -> list[float]:
+        return self.entry.ts
+
 
 @dataclass
 class ServedPath:
@@ -89,24 +104,24 @@ class ServedPath:
     name: str
     directory: Path
     index: ServingIndex
-    manifest: dict
+    manifest: Manifest
     ensembles: dict[int, Graph]
     merged: dict[float, Graph]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.index.input_shape)
+        return tuple(self.manifest.model.input_shape)
 
     @property
     def preprocessing(self) -> dict:
-        return self.index.preprocessing
+        return self.manifest.preprocessing
 
     def graphs(self) -> list[Graph]:
         return [*self.ensembles.values(), *self.merged.values()]
 
     def info(self) -> PathInfo:
         """What GET /paths says about this path."""
-        metrics = self.manifest.get("metrics") or {}
+        metrics = self.manifest.metrics
         test_acc = metrics.get("test_acc") or []
         grid = metrics.get("ts") or []
 
@@ -119,11 +134,11 @@ class ServedPath:
             mid = float(test_acc[min(range(len(grid)), key=lambda i: abs(grid[i] - 0.5))])
         return PathInfo(
             name=self.name,
-            method=self.index.method,
-            kind=self.index.kind,
-            model=self.index.model,
+            method=self.manifest.method,
+            kind=self.manifest.kind,
+            model={"name": self.manifest.model.name, "kwargs": self.manifest.model.kwargs},
             input_shape=list(self.input_shape),
-            num_classes=self.index.num_classes,
+            num_classes=self.manifest.model.num_classes,
             preprocessing=self.preprocessing,
             ks=sorted(self.ensembles),
             ensemble_ts={str(k): g.ts for k, g in sorted(self.ensembles.items())},
@@ -140,11 +155,8 @@ class ServedPath:
                 "midpoint": mid,
                 "worst": float(min(test_acc)) if test_acc else None,
             },
-            alignment=bool(self.manifest.get("alignment")),
-            graphs=[
-                GraphInfo(mode=g.mode, k=g.k, ts=g.ts, size_bytes=g.size_bytes)
-                for g in self.graphs()
-            ],
+            alignment=bool(self.manifest.alignment),
+            graphs=[g.entry for g in self.graphs()],
         )
 
 
@@ -307,9 +319,8 @@ class Catalog:
             )
         if t is None:
             t = min(ts, key=lambda s: (abs(s - 0.5), s))
-        for served_t in ts:
-            if abs(served_t - t) <= _T_TOL:
-                return served.merged[served_t]
+        if (served_t := match_t(t, ts)) is not None:
+            return served.merged[served_t]
         raise RequestError(
             400,
             f"t={t:g} is not served for path {served.name!r}; served t values: {_fmt(ts)}",
@@ -431,12 +442,8 @@ def _slice(response: PredictResponse, begin: int, end: int) -> PredictResponse:
 
 def _load_path(name: str, directory: Path, device: str, threads: int | None) -> ServedPath:
     index = read_index(directory)
-    manifest_file = directory / "manifest.json"
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {manifest_file}: {err}") from err
-    if manifest.get("created", "") != index.artifact_created:
+    manifest = read_manifest(directory)
+    if manifest.created != index.artifact_created:
         log.warning(
             "%s: the serving bundle was built from an older version of the artifact; rebuild "
             "it with `modeconn serve-build %s`",
@@ -450,11 +457,8 @@ def _load_path(name: str, directory: Path, device: str, threads: int | None) -> 
         if not file.is_file():
             raise ValueError(f"{file} is listed in the serving index but missing")
         graph = Graph(
-            mode=g.mode,
-            k=g.k,
-            ts=list(g.ts),
+            entry=g,
             file=file,
-            size_bytes=g.size_bytes,
             name=f"{name}/{g.file}",
             device=device,
             threads=threads,

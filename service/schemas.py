@@ -19,6 +19,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
 from pydantic import model_validator as _model_validator
 
+from modeconn.formats import ServedGraph
+
 __all__ = [
     "Mode",
     "DEFAULT_MAX_BATCH",
@@ -31,7 +33,6 @@ __all__ = [
     "PathsRequest",
     "PathInfo",
     "PathsResponse",
-    "GraphInfo",
     "ErrorResponse",
 ]
 
@@ -304,15 +305,6 @@ class PredictResponse(BaseModel):
     provider: str = Field(description="onnxruntime execution provider that ran the graph")
 
 
-class GraphInfo(BaseModel):
-    """One servable graph of a path."""
-
-    mode: Literal["ensemble", "merged"]
-    k: int
-    ts: list[float]
-    size_bytes: int
-
-
 class PathInfo(BaseModel):
     """A served path: what it is, what can be asked of it, and how good it was."""
 
@@ -333,7 +325,7 @@ class PathInfo(BaseModel):
         description="test accuracy at t=0, t=1, the midpoint and the worst t (from the manifest)"
     )
     alignment: bool = Field(description="whether B was permuted onto A before fitting")
-    graphs: list[GraphInfo]
+    graphs: list[ServedGraph] = Field(description="the ONNX graphs built for this path")
 
 
 class PathsResponse(BaseModel):

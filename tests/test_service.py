@@ -19,7 +19,8 @@ import pytest
 from modeconn.checkpoint import load_checkpoint
 from modeconn.pipeline import fit_artifact
 from modeconn.runtime import OnnxModel
-from modeconn.serving import build_serving, find_served, read_index
+from modeconn.formats import read_index, read_manifest
+from modeconn.serving import build_serving, find_served
 from tests.bentoml_server import REPO, bentoml_server
 
 MAX_BATCH = 64
@@ -72,7 +73,9 @@ def test_bundle_index_lists_built_and_skipped_graphs(models_root):
     mlp = read_index(models_root / "paths" / "mlp")
     assert sorted(mlp.ensembles) == [2, 3] and sorted(mlp.merged) == [0.0, 0.5]
     assert mlp.ensembles[3].ts == [0.0, 0.5, 1.0] and mlp.merged[0.5].bn == ["none"]
-    assert mlp.input_shape == [1, 8, 8] and mlp.preprocessing["raw_max"] == 16.0
+    described = read_manifest(models_root / "paths" / "mlp")  # the artifact's facts, once
+    assert described.model.input_shape == [1, 8, 8]
+    assert described.preprocessing["raw_max"] == 16.0
     cnn = read_index(models_root / "paths" / "cnn")
     assert cnn.has_batchnorm and sorted(cnn.merged) == [0.5]
     assert cnn.merged[0.5].bn == ["stored"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from modeconn.artifact import ModelInfo
 from modeconn.checkpoint import ModelSpec, model_spec_of
+from modeconn.formats import ModelInfo
 from models import create_model
 
 USER_MODULE = '''

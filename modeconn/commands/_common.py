@@ -1,4 +1,9 @@
-"""Options and helpers shared by several sub-commands."""
+"""Options and helpers shared by several sub-commands.
+
+Light at import, so that ``modeconn --help`` never loads torch: torch, checkpoints, data and
+models are imported inside the helpers that use them. The names the help text lists are kept
+here as literals; ``tests/test_cli_help.py`` checks them against the modules that own them.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,21 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import yaml
+if TYPE_CHECKING:
+    import torch
 
-from modeconn.checkpoint import Checkpoint, ModelSpec, load_checkpoint, stored_model
-from modeconn.data import DATA_KINDS, Dataset, load_data
+    from modeconn.checkpoint import Checkpoint, ModelSpec
+    from modeconn.data import Dataset
 
 log = logging.getLogger("modeconn")
+
+#: ``modeconn.data.DATA_KINDS``, for the help of ``--data``.
+DATA_KINDS = ("digits", "npz:PATH", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
+#: ``models.list_models()`` and ``models.external.EXTERNAL_FORMS``, for the help of ``--model``.
+MODEL_NAMES = ("cnn", "mlp", "resnet20")
+EXTERNAL_FORMS = "torchvision:NAME, timm:NAME or module.path:Callable"
 
 
 def add_data(parser: argparse.ArgumentParser, *, default: str | None = "digits") -> None:
@@ -37,6 +49,8 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -47,6 +61,8 @@ def resolve_device(name: str) -> torch.device:
 
 def parse_kv(items: list[str] | None, what: str = "--arg") -> dict:
     """``["width=16", "channels=[8, 16]"]`` -> ``{"width": 16, "channels": [8, 16]}`` (YAML scalars)."""
+    import yaml
+
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -61,9 +77,6 @@ def parse_kv(items: list[str] | None, what: str = "--arg") -> dict:
 
 def add_model(parser: argparse.ArgumentParser, *, default: str | None = None) -> None:
     """``--model NAME`` and repeatable ``--arg KEY=VALUE``, for every command that builds a model."""
-    from models import list_models
-    from models.external import EXTERNAL_FORMS
-
     when = (
         f"default: {default}"
         if default
@@ -73,7 +86,7 @@ def add_model(parser: argparse.ArgumentParser, *, default: str | None = None) ->
         "--model",
         default=default,
         metavar="NAME",
-        help=f"a registered name ({', '.join(list_models())}), {EXTERNAL_FORMS} ({when})",
+        help=f"a registered name ({', '.join(MODEL_NAMES)}), {EXTERNAL_FORMS} ({when})",
     )
     parser.add_argument(
         "--arg",
@@ -115,6 +128,8 @@ def model_spec(args: argparse.Namespace, data: Dataset) -> ModelSpec:
     The number of classes is ``--arg num_classes=N`` if given (a checkpoint trained for more
     classes than the data has), else the data's.
     """
+    from modeconn.checkpoint import ModelSpec
+
     kwargs = parse_kv(args.arg)
     num_classes = kwargs.pop("num_classes", data.num_classes)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
@@ -150,6 +165,9 @@ def _load_endpoints(paths: list[str], args: argparse.Namespace) -> tuple[list[Ch
     """Files written by modeconn name their model and data set. A plain state dict takes the
     model from ``--model``/``--arg`` (or from a file beside it that names one) and its input
     shape and number of classes from the data, so for it the data is loaded first."""
+    from modeconn.checkpoint import load_checkpoint, stored_model
+    from modeconn.data import load_data
+
     stored = [stored_model(p) for p in paths]  # None for a plain state dict
     described = {p: load_checkpoint(p) for p, s in zip(paths, stored) if s is not None}
     for ckpt in described.values():
@@ -199,6 +217,8 @@ def _describe(ckpt: Checkpoint) -> str:
 
 def data_for(spec: str | None, ckpt: Checkpoint) -> Dataset:
     """Load ``spec`` (or the endpoint's own data set) and check that it fits the model."""
+    from modeconn.data import load_data
+
     spec = spec or ckpt.meta.get("data") or "digits"
     data = load_data(spec)
     check_data_fits(data, ckpt)

@@ -35,7 +35,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from modeconn.checkpoint import save_checkpoint
     from modeconn.evaluate import evaluate_path
-    from modeconn.objective import model_parameters
+    from modeconn.fit.objective import model_parameters
     from modeconn.paths import linear
     from modeconn.pipeline import align_endpoints
 

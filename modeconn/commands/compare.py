@@ -17,11 +17,10 @@ from modeconn.commands._common import (
     resolve_device,
     write_json,
 )
+from modeconn.fit.methods import make_config, method_names
 
 
 def register(sub) -> None:
-    from modeconn.compare import DEFAULT_METHODS
-
     p = sub.add_parser(
         "compare", help="compare connection methods side by side", description=__doc__
     )
@@ -32,8 +31,8 @@ def register(sub) -> None:
     add_spec(p)
     p.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help="comma-separated (default: %(default)s)",
+        default=",".join(method_names(endpoints=2)),
+        help="comma-separated (default: every method between two endpoints, %(default)s)",
     )
     p.add_argument(
         "--out", default="runs/compare", help="folder for the artifacts (default: %(default)s)"
@@ -45,7 +44,10 @@ def register(sub) -> None:
         "--no-reuse", action="store_true", help="refit even when a matching artifact exists"
     )
     p.add_argument(
-        "--config", metavar="F.yaml", help="per-method options: {method: {option: value}}"
+        "--config",
+        metavar="F.yaml",
+        help="per-method options, a YAML mapping {method: {option: value}} "
+        "(`modeconn connect --method M --help` lists M's options)",
     )
     p.add_argument(
         "--k", type=int, default=4, help="ensemble size for the accuracy/NLL columns (0: skip)"
@@ -95,19 +97,29 @@ def print_comparison(rows) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import yaml
+def method_params(path: str | None) -> dict[str, dict]:
+    """The per-method options in ``path``, each checked against its method's config."""
+    from modeconn.fit.configs import read_options
 
+    if path is None:
+        return {}
+    params = read_options(path)
+    for method, options in params.items():
+        if not isinstance(options, dict):
+            raise ValueError(
+                f"{path} must map method names to option mappings; {method!r} maps to "
+                f"{type(options).__name__}"
+            )
+        make_config(method, **options)  # bad options fail before any file is read
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
     from modeconn.compare import compare
     from modeconn.plots import plot_paths
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params = {}
-    if args.config:
-        with open(args.config) as handle:
-            params = yaml.safe_load(handle) or {}
-        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-            raise ValueError(f"{args.config} must map method names to option mappings")
+    params = method_params(args.config)
     a, b, data = load_pair(args.a, args.b, args)
     rows, evaluations = compare(
         a,

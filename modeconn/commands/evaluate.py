@@ -76,14 +76,14 @@ def print_rows(name: str, rows) -> None:
 def run(args: argparse.Namespace) -> int:
     from modeconn.artifact import load_artifact
     from modeconn.checkpoint import Checkpoint
-    from modeconn.data import load_data
+    from modeconn.data import Dataset, load_data
     from modeconn.plots import plot_ensembles
     from modeconn.report import evaluate_artifact
 
     ks = parse_ks(args.k)
     device = resolve_device(args.device)
     artifacts = [(d, load_artifact(d)) for d in args.dirs]  # fail early on a bad directory
-    datasets: dict[str, object] = {}
+    datasets: dict[str, Dataset] = {}
     results: dict[str, list[dict]] = {}
     for directory, artifact in artifacts:
         m = artifact.manifest

@@ -17,12 +17,7 @@ from modeconn.commands._common import (
     load_endpoint,
     resolve_device,
 )
-
-
-def _fields():
-    from modeconn.fge import FGEConfig
-
-    return {k: v for k, v in FGEConfig.model_fields.items() if k != "seed"}
+from modeconn.commands._options import add_config_flags, add_method_flags, method_config
 
 
 def register(sub) -> None:
@@ -35,38 +30,32 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="artifact directory to write")
     add_data(p, default=None)
     add_model(p)
-    p.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    add_config_flags(p, checkpoint_default="once per epoch")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
     add_device(p)
-    for name, info in _fields().items():
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=f"opt_{name}",
-            metavar=name.upper(),
-            type=info.annotation,
-            default=None,
-            help=f"{info.description} (default: {info.default})",
-        )
+    add_method_flags(p, "fge")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from modeconn.fge import fge_artifact, make_fge_config
+    from modeconn.pipeline import fit_artifact
 
-    params = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    params["seed"] = args.seed
-    make_fge_config(**params)  # bad options fail before any file is read
+    config = method_config(args, "fge")  # bad options fail before any file is read
     device = resolve_device(args.device)
     a, data = load_endpoint(args.a, args)
-    artifact, metrics = fge_artifact(
+    artifact, metrics = fit_artifact(
         a,
+        None,
         data,
+        "fge",
+        config=config,
         out=args.out,
-        params=params,
         device=device,
         progress=args.progress,
         resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
     )
+    assert metrics is not None  # a point set's members are always evaluated
     fit = artifact.manifest.fit
     print(
         f"{args.out}: FGE ensemble of {artifact.path.num_nodes} members from {args.a}, "

@@ -21,7 +21,6 @@ from modeconn.commands._common import (
     model_spec,
     write_json,
 )
-from modeconn.data import load_data
 
 # Tensors listed per group in the table; the JSON has them all.
 _SHOWN = 3
@@ -46,6 +45,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modeconn.data import load_data
     from models.infer import infer_spec
     from models.spec import spec_to_json
     from models.verify import check_permutation_invariance, perturb_state

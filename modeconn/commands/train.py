@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from modeconn.checkpoint import save_checkpoint
 from modeconn.commands._common import add_data, add_device, add_model, model_spec, resolve_device
-from modeconn.data import load_data
-from modeconn.train import TrainConfig, train_model
+
+#: ``modeconn.train.TrainConfig``'s defaults, for the help without torch (checked by
+#: tests/test_cli_help.py).
+TRAIN_DEFAULTS = {"epochs": 100, "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4}
 
 
 def register(sub) -> None:
@@ -18,19 +17,24 @@ def register(sub) -> None:
     add_model(p, default="mlp")
     add_data(p)
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
-    defaults = TrainConfig()
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"])
     p.add_argument(
-        "--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)"
+        "--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="peak learning rate (cosine decay)"
     )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--wd", type=float, default=defaults.weight_decay, help="weight decay")
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--wd", type=float, default=TRAIN_DEFAULTS["weight_decay"], help="weight decay")
     add_device(p)
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from modeconn.checkpoint import save_checkpoint
+    from modeconn.data import load_data
+    from modeconn.train import TrainConfig, train_model
+
     device = resolve_device(args.device)
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
