@@ -26,8 +26,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeconn.curves import CurveConfig, CurveTrainer  # noqa: E402
-from modeconn.data import Dataset  # noqa: E402
 from modeconn.objective import model_objective, model_parameters  # noqa: E402
+
+from modeconn.data import Dataset  # noqa: E402
 from models import create_model  # noqa: E402
 
 # name -> (registered model, input shape, kwargs, batch size)

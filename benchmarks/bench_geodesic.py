@@ -23,7 +23,6 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeconn.data import load_data  # noqa: E402
 from modeconn.geodesic import (  # noqa: E402
     chain_energy,
     chain_log_probs,
@@ -31,6 +30,8 @@ from modeconn.geodesic import (  # noqa: E402
     resolve_engine,
 )
 from modeconn.objective import model_objective  # noqa: E402
+
+from modeconn.data import load_data  # noqa: E402
 from models import create_model  # noqa: E402
 
 NODES = 25

@@ -28,8 +28,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modeconn.methods  # noqa: E402, F401
-from modeconn.bn import batch_stats_mode  # noqa: E402
-from modeconn.data import load_data  # noqa: E402
 from modeconn.neb import (  # noqa: E402
     CycleConfig,
     _Evaluator,
@@ -39,6 +37,9 @@ from modeconn.neb import (  # noqa: E402
     _pick_engine,
 )
 from modeconn.objective import model_objective, model_parameters  # noqa: E402
+
+from modeconn.bn import batch_stats_mode  # noqa: E402
+from modeconn.data import load_data  # noqa: E402
 from models import create_model  # noqa: E402
 
 # name -> (registered model, kwargs, data shape: "digits" or a CIFAR-shaped random batch)

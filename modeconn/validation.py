@@ -17,8 +17,7 @@ M = TypeVar("M", bound=BaseModel)
 def problems(err: ValidationError, limit: int = 5) -> str:
     """``"field.sub: message; other: message"`` for the first ``limit`` errors of ``err``."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}"
-        for e in err.errors()[:limit]
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in err.errors()[:limit]
     )
 
 

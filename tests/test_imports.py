@@ -108,3 +108,21 @@ def test_the_library_does_not_import_the_service():
 def test_the_detector_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_public_names_agree_with_what_type_checkers_see():
+    import modeconn
+
+    tree = ast.parse((ROOT / "modeconn" / "__init__.py").read_text())
+    checked = {
+        alias.name: node.module
+        for block in tree.body
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert checked == modeconn._EXPORTS
+    assert set(modeconn.__all__) == set(checked) | {"__version__"}
+    for name in modeconn.__all__:
+        assert getattr(modeconn, name) is not None, name

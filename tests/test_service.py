@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from modeconn.checkpoint import load_checkpoint
+from modeconn.formats import read_index, read_manifest
 from modeconn.pipeline import fit_artifact
 from modeconn.runtime import OnnxModel
-from modeconn.formats import read_index, read_manifest
 from modeconn.serving import build_serving, find_served
 from tests.bentoml_server import REPO, bentoml_server
 
