@@ -28,7 +28,7 @@ from modeconn.formats import (
     read_manifest,
 )
 from modeconn.io import atomic_dir, load_tensors, save_tensors
-from modeconn.paths import PATH_KINDS, Path, PolyChain
+from modeconn.paths import PATH_KINDS, Path, PolyChain, as_state
 from modeconn.types import StateDict
 
 __all__ = [
@@ -93,7 +93,7 @@ class PathArtifact:
         :func:`modeconn.merge.merge_at` to recompute them at any other t.
         """
         model = model or self.build_model()
-        params = self.path.at(t)
+        params = as_state(self.path.at(t))
         if not has_batchnorm(model):
             return dict(params)
         served = self.served_t(t)
@@ -118,7 +118,10 @@ def compute_served_buffers(
         return {}
     model.to(device or "cpu")
     return {
-        t: {k: v.cpu() for k, v in recompute_bn(model, path.at(t), inputs, device=device).items()}
+        t: {
+            k: v.cpu()
+            for k, v in recompute_bn(model, as_state(path.at(t)), inputs, device=device).items()
+        }
         for t in ts
     }
 

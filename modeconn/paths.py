@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -112,6 +113,13 @@ class Path:
     """Base class: stacked nodes plus a basis. Subclasses define :meth:`coefficients`."""
 
     kind: str = "path"
+
+    @property
+    def basis(self) -> Literal["bezier", "polychain", "points"]:
+        """How the nodes are joined, as a manifest records it."""
+        if self.kind not in ("bezier", "polychain", "points"):
+            raise TypeError(f"a {type(self).__name__} has no basis a manifest can record")
+        return self.kind  # type: ignore[return-value]
 
     def __init__(self, nodes: StackedStateDict, *, is_vector: bool = False):
         if not nodes:

@@ -30,6 +30,7 @@ from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import get_method, make_config
 from modeconn.formats import DataInfo, Manifest, ModelInfo
+from modeconn.paths import as_state
 from modeconn.types import StateDict
 from models.spec import PermutationSpec
 
@@ -213,7 +214,7 @@ def fit_artifact(
         model.cpu()
         metrics = evaluation.to_json()
     if path.kind == "points":
-        members = [{**path.at(t), **buffers.get(t, {})} for t in ts]
+        members = [{**as_state(path.at(t)), **buffers.get(t, {})} for t in ts]
         metrics["ensemble"] = ensemble_metrics(model, members, data, device=device)
         metrics["start"] = ensemble_metrics(model, [a.state], data, device=device)
         model.cpu()
@@ -223,7 +224,7 @@ def fit_artifact(
     manifest = Manifest(
         kind="points" if path.kind == "points" else "path",
         method=method,
-        basis=path.kind,
+        basis=path.basis,
         num_nodes=path.num_nodes,
         knots=[float(k) for k in path.knots()],
         model=ModelInfo(**a.model.to_json()),

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from modeconn.formats import (
     INDEX_FILE,
@@ -193,7 +194,7 @@ def build_serving(
             return [t for t in values if artifact.served_t(t) is None]
         return []
 
-    plan: list[tuple[str, int, list[float]]] = []
+    plan: list[tuple[Literal["ensemble", "merged"], int, list[float]]] = []
     skipped: list[dict] = []
     for k in ks:
         if k * member_mb > max_ensemble_mb:
@@ -233,7 +234,7 @@ def build_serving(
                     result = export_merged(artifact, tmp / file, members[0], atol=atol)
             except (ValueError, RuntimeError) as err:
                 log.warning("serving bundle of %s: skipped %s %s: %s", directory, mode, file, err)
-                entry = {"mode": mode, "reason": str(err)}
+                entry: dict[str, object] = {"mode": mode, "reason": str(err)}
                 entry.update({"k": k} if mode == "ensemble" else {"t": members[0]})
                 skipped.append(entry)
                 continue

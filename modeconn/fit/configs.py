@@ -109,17 +109,19 @@ class CycleConfig(BaseModel):
     steps: int = Field(gt=0, description="NEB steps in the cycle")
     lr: float = Field(gt=0, description="learning rate of the cycle's optimiser")
     optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="adam (scale-free step, the default) or sgd with momentum"
+        default="adam", description="adam (scale-free step, the default) or sgd with momentum"
     )
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
-    weight_decay: float = Field(0.0, ge=0, description="0.5*wd*|w|^2 added to every pivot's loss")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
+    weight_decay: float = Field(
+        default=0.0, ge=0, description="0.5*wd*|w|^2 added to every pivot's loss"
+    )
     insert: Literal["equal", "highest", "none"] = Field(
-        "highest", description="where to insert pivots before the cycle's steps"
+        default="highest", description="where to insert pivots before the cycle's steps"
     )
     insert_count: int = Field(
-        2, ge=0, description="equal: pivots per gap; highest: at most this many pivots"
+        default=2, ge=0, description="equal: pivots per gap; highest: at most this many pivots"
     )
-    repeat: int = Field(1, ge=1, description="run this entry this many times in a row")
+    repeat: int = Field(default=1, ge=1, description="run this entry this many times in a row")
 
 
 #: Default AutoNEB schedule: 8 cycles of 300 Adam steps, lr 3e-3 -> 1e-3 -> 3e-4; a few minutes

@@ -96,8 +96,11 @@ def _objective(
         if not isinstance(start, dict) or not (end is None or isinstance(end, dict)):
             raise TypeError("with a model, start and end must be state dicts of that model")
         model = model_or_energy
-        kwargs = {} if batch_size is None else {"batch_size": batch_size}
-        objective = model_objective(model, data, device=device, **kwargs)
+        objective = (
+            model_objective(model, data, device=device)
+            if batch_size is None
+            else model_objective(model, data, device=device, batch_size=batch_size)
+        )
 
         def params(state: StateDict) -> StateDict:
             return {k: v.to(objective.device) for k, v in model_parameters(model, state).items()}

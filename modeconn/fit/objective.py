@@ -91,6 +91,8 @@ def model_objective(
     steps = n // batch_size if drop_last else 1
 
     def loss(params: StateDict, batch: Batch | None) -> Tensor:
+        if batch is None:
+            raise TypeError("a model's loss needs a batch of (inputs, labels)")
         x, y = batch
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
