@@ -4,7 +4,7 @@ Both steps see the same mini-batch of the same model: the plain step is ``model(
 cross-entropy, backward and an SGD step (momentum 0.9, weight decay 5e-4, as endpoints are
 trained) on the module's parameters; the curve step is ``w(t)`` from the three nodes,
 ``functional_call`` on it, cross-entropy, backward into the interior node (weight decay on
-``w(t)``) and its SGD step (``modeconn.curves.CurveTrainer.step``). They are timed
+``w(t)``) and its SGD step (``modeconn.fit.curves.CurveTrainer.step``). They are timed
 alternately, so that machine noise hits both alike; reported are the ratio of the medians,
 of the minimums, and the median of the ratios of adjacent pairs (target: at most 1.2).
 
@@ -25,10 +25,10 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeconn.curves import CurveConfig, CurveTrainer  # noqa: E402
-from modeconn.objective import model_objective, model_parameters  # noqa: E402
-
 from modeconn.data import Dataset  # noqa: E402
+from modeconn.fit.configs import CurveConfig  # noqa: E402
+from modeconn.fit.curves import CurveTrainer  # noqa: E402
+from modeconn.fit.objective import model_objective, model_parameters  # noqa: E402
 from models import create_model  # noqa: E402
 
 # name -> (registered model, input shape, kwargs, batch size)

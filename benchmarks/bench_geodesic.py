@@ -23,15 +23,10 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeconn.geodesic import (  # noqa: E402
-    chain_energy,
-    chain_log_probs,
-    initial_nodes,
-    resolve_engine,
-)
-from modeconn.objective import model_objective  # noqa: E402
-
 from modeconn.data import load_data  # noqa: E402
+from modeconn.fit.geodesic import chain_energy, chain_log_probs, initial_nodes  # noqa: E402
+from modeconn.fit.objective import model_objective  # noqa: E402
+from modeconn.fit.state import resolve_engine  # noqa: E402
 from models import create_model  # noqa: E402
 
 NODES = 25
@@ -97,7 +92,7 @@ def _bench_case(name: str, kwargs: dict, data, repeats: int, device: torch.devic
                 fn()
                 _sync(device)
                 times[key].append(time.perf_counter() - began)
-    auto = resolve_engine("auto", model, device)
+    auto = resolve_engine("auto", objective)
     med = {key: statistics.median(values) for key, values in times.items()}
     return {
         "parameters": sum(v.numel() for v in start.values()),

@@ -2,7 +2,7 @@
 
 Both sides see the same mini-batch. The plain step is ordinary training: ``zero_grad``,
 forward, cross-entropy, backward, ``SGD(momentum=0.9).step()`` on an ``nn.Module``. The NEB
-step is the library's own (``modeconn.neb._neb_step``): losses and gradients at the N interior
+step is the library's own (``modeconn.fit.neb._neb_step``): losses and gradients at the N interior
 pivots, improved tangents (the endpoints' losses are computed once per cycle, outside the
 step), projection, an Adam step on the stacked pivots and the arc-length re-spacing. The
 per-pivot work is run both ways -- stacked with ``torch.func.vmap`` and in a loop -- and the ratio
@@ -27,19 +27,12 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import modeconn.methods  # noqa: E402, F401
-from modeconn.neb import (  # noqa: E402
-    CycleConfig,
-    _Evaluator,
-    _Layout,
-    _neb_step,
-    _Optimiser,
-    _pick_engine,
-)
-from modeconn.objective import model_objective, model_parameters  # noqa: E402
-
 from modeconn.bn import batch_stats_mode  # noqa: E402
 from modeconn.data import load_data  # noqa: E402
+from modeconn.fit.configs import CycleConfig  # noqa: E402
+from modeconn.fit.neb import Evaluator, _neb_step, _Optimiser  # noqa: E402
+from modeconn.fit.objective import model_objective, model_parameters  # noqa: E402
+from modeconn.fit.state import FlatLayout, resolve_engine  # noqa: E402
 from models import create_model  # noqa: E402
 
 # name -> (registered model, kwargs, data shape: "digits" or a CIFAR-shaped random batch)
@@ -86,7 +79,7 @@ def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torc
 
     # A chain of pivots + 2 endpoints between two random networks.
     states = [model_parameters(m, m.state_dict()) for m in models]
-    layout = _Layout.of(states[0])
+    layout = FlatLayout(states[0])
     a, b = (layout.flatten(s).to(device) for s in states)  # (D,)
     alphas = torch.linspace(0, 1, pivots + 2, device=device)[:, None]  # (P, 1)
     chain0 = torch.lerp(a, b, alphas) + 1e-3 * torch.randn(pivots + 2, len(a), device=device)
@@ -96,7 +89,7 @@ def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torc
     steps = {"plain": plain_steps}
     with batch_stats_mode(model):
         for engine in ("loop", "vmap"):
-            evaluator = _Evaluator(objective, layout, engine)
+            evaluator = Evaluator(objective, layout, engine)
             chain = chain0.clone()
             optimiser = _Optimiser(cycle, chain[1:-1])
             ends = evaluator.values(chain[[0, -1]], batch, loop=True)  # once per cycle
@@ -126,7 +119,7 @@ def _bench_case(name: str, kwargs: dict, pivots: int, repeats: int, device: torc
         results[f"ratio_{engine}_median"] = median[engine] / median["plain"]
         if device.type == "cpu":
             results[f"ratio_{engine}_cpu_time"] = cpu_median[engine] / cpu_median["plain"]
-    auto = _pick_engine(objective, "auto")
+    auto = resolve_engine("auto", objective)
     results["auto_engine"] = auto
     results["ratio_auto"] = results[f"ratio_{auto}"]
     results["faster_engine"] = min(("loop", "vmap"), key=lambda e: best[e])

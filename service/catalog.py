@@ -13,8 +13,10 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
@@ -28,7 +30,7 @@ from modeconn.formats import (
     read_index,
     read_manifest,
 )
-from modeconn.runtime import OnnxModel
+from modeconn.runtime import Device, OnnxModel
 from modeconn.serving import find_served, store_path
 from service.preprocess import image_to_input, normalize_raw
 from service.schemas import PathInfo, PredictRequest, PredictResponse
@@ -59,7 +61,7 @@ class Graph:
     entry: ServedGraph  # what the serving index says of it
     file: Path
     name: str
-    device: str = "auto"
+    device: Device = "auto"
     threads: int | None = None
     _model: OnnxModel | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -179,7 +181,7 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Callable[[int], int] | Literal[False] | None = None  # None: not looked up yet
 
 
 def _entropy(probs: np.ndarray, log_probs: np.ndarray) -> np.ndarray:
@@ -200,7 +202,7 @@ class Catalog:
         root: str | os.PathLike | None,
         tags: list[str] | tuple[str, ...] = (),
         *,
-        device: str = "auto",
+        device: Device = "auto",
         intra_op_threads: int | None = None,
         preload: bool = True,
     ) -> Catalog:
@@ -354,7 +356,8 @@ class Catalog:
     def run(self, served: ServedPath, graph: Graph, x: np.ndarray) -> PredictResponse:
         """Run ``graph`` on ``x`` (already ``(N, *input_shape)``) and shape the answer."""
         model = graph.model
-        out = model.session.run(None, {model.input_name: x})
+        # The graphs' outputs are dense tensors: numpy arrays (not sparse tensors, maps, lists).
+        out = cast(list[np.ndarray], model.session.run(None, {model.input_name: x}))
         outputs = dict(zip(model.output_names, out))
         probs = outputs["probabilities"]  # (N, C)
         log_probs = outputs["log_probabilities"]  # (N, C)
@@ -386,13 +389,13 @@ class Catalog:
         graph = self.graph(served, request.mode, request.k, request.t)
         return served, graph, self.shape_inputs(served, request.array, request.raw)
 
-    def predict_many(self, requests: list[PredictRequest]) -> list[PredictResponse]:
+    def predict_many(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
         """Answer several requests, one graph run per distinct (path, graph) among them."""
         resolved = [self.resolve(r) for r in requests]
         groups: dict[int, list[int]] = {}
         for i, (_, graph, _) in enumerate(resolved):
             groups.setdefault(id(graph), []).append(i)
-        answers: list[PredictResponse | None] = [None] * len(requests)
+        answers: dict[int, PredictResponse] = {}
         for members in groups.values():
             served, graph, _ = resolved[members[0]]
             x = np.concatenate([resolved[i][2] for i in members])  # (sum N_i, *input_shape)
@@ -402,7 +405,7 @@ class Catalog:
                 n = len(resolved[i][2])
                 answers[i] = _slice(whole, begin, begin + n)
                 begin += n
-        return answers  # type: ignore[return-value]
+        return [answers[i] for i in range(len(requests))]
 
     def predict_image(
         self,
@@ -440,7 +443,7 @@ def _slice(response: PredictResponse, begin: int, end: int) -> PredictResponse:
     return PredictResponse.model_construct(**data)
 
 
-def _load_path(name: str, directory: Path, device: str, threads: int | None) -> ServedPath:
+def _load_path(name: str, directory: Path, device: Device, threads: int | None) -> ServedPath:
     index = read_index(directory)
     manifest = read_manifest(directory)
     if manifest.created != index.artifact_created:

@@ -258,7 +258,7 @@ class PredictRequest(_Request):
             if self.shape is not None:
                 raise ValueError("shape goes with inputs_b64; inputs carry their own shape")
             self._array = parse_inputs(self.inputs)
-        else:
+        elif self.inputs_b64 is not None:
             self._array = parse_b64(self.inputs_b64, self.shape)
         return self
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -44,6 +45,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.catalog import Catalog, RequestError
 from service.schemas import (
@@ -64,7 +66,7 @@ JSON_ROUTES = ("/predict", "/predict_batch", "/paths", "/export")
 UPLOAD_ROUTES = ("/predict_image",)
 
 
-def _env_int(name: str, default: int | None, minimum: int = 0) -> int | None:
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -115,7 +117,8 @@ class _QuietClientErrors(logging.Filter):
         else:
             detail = str(exc)
         record.msg = "client error %d on %s: %s"
-        record.args = (status, record.args[0] if record.args else "?", detail[:300])
+        route = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.args = (status, route, detail[:300])
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info, record.exc_text = None, None
         return True
@@ -135,12 +138,12 @@ class RequestGate:
     and an upload's multipart encoding parsed once (400 if malformed), before BentoML sees it.
     """
 
-    def __init__(self, app, max_body_bytes: int | None = None):
+    def __init__(self, app: ASGIApp, max_body_bytes: int | None = None):
         self.app = app
         mb = _env_int("MODECONN_MAX_BODY_MB", 64, minimum=1)
-        self.max_body_bytes = max_body_bytes or int(mb) * 2**20
+        self.max_body_bytes = max_body_bytes or mb * 2**20
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = scope.get("path", "")
         if (
             scope["type"] != "http"
@@ -156,7 +159,7 @@ class RequestGate:
             return await response(scope, receive, send)
         replayed = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -165,7 +168,9 @@ class RequestGate:
 
         await self.app(scope, replay, send)
 
-    async def _check(self, scope, receive, route: str) -> tuple[tuple[int, str] | None, bytes]:
+    async def _check(
+        self, scope: Scope, receive: Receive, route: str
+    ) -> tuple[tuple[int, str] | None, bytes]:
         headers = Headers(scope=scope)
         content_type = headers.get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
@@ -189,7 +194,8 @@ class RequestGate:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return too_big, b""
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
@@ -250,7 +256,7 @@ def _list_paths(catalog: Catalog, name: str | None) -> PathsResponse:
     return PathsResponse(paths=[catalog.get(n).info() for n in names], max_batch=max_batch())
 
 
-async def _get_export(request: Request):
+async def _get_export(request: Request) -> FileResponse | JSONResponse:
     service = bentoml.get_current_service()
     try:
         mode = request.query_params.get("mode") or "ensemble"
@@ -271,7 +277,9 @@ async def _get_export(request: Request):
         return _error(err)
 
 
-def _download(catalog: Catalog, path: str, mode: str, k: int | None, t: float | None):
+def _download(
+    catalog: Catalog, path: str, mode: str, k: int | None, t: float | None
+) -> FileResponse:
     graph, filename = catalog.export(path, mode, k, t)
     return FileResponse(graph.file, media_type="application/octet-stream", filename=filename)
 
@@ -286,6 +294,28 @@ _get_app = Starlette(
 
 # ---------------------------------------------------------------------------------------------
 # The service
+#
+# An API that answers a client error itself returns a starlette response (an ErrorResponse body
+# with its 4xx status; BentoML sends a returned Response as it is), so its return annotation is a
+# union, from which BentoML cannot infer the output spec. Its success body is annotated on a stub
+# below instead, and BentoML infers the output spec (the OpenAPI response) from that.
+
+
+def _predicted() -> PredictResponse:
+    raise NotImplementedError  # never called: read by BentoML for its return annotation
+
+
+def _listed() -> PathsResponse:
+    raise NotImplementedError  # never called: read by BentoML for its return annotation
+
+
+def _graph_file() -> Annotated[Path, ContentType("application/octet-stream")]:
+    raise NotImplementedError  # never called: read by BentoML for its return annotation
+
+
+def _output_spec(stub: Callable[[], object]) -> type[bentoml.IODescriptor]:
+    """The output spec BentoML infers from ``stub``'s return annotation."""
+    return bentoml.IODescriptor.from_output(stub)
 
 
 class BatchItem(PredictRequest):
@@ -328,8 +358,8 @@ class ModeConnService:
             preload=os.environ.get("MODECONN_PRELOAD", "1") != "0",
         )
 
-    @bentoml.api(route="/predict")
-    def predict(self, request: PredictRequest, /) -> PredictResponse:
+    @bentoml.api(route="/predict", output_spec=_output_spec(_predicted))
+    def predict(self, request: PredictRequest, /) -> PredictResponse | JSONResponse:
         """Predict a batch with a path's K-member ensemble or its merged model at t."""
         try:
             return self.catalog.predict(request)
@@ -343,7 +373,7 @@ class ModeConnService:
         """Several prediction requests at once; concurrent calls are batched adaptively."""
         return self.catalog.predict_many(requests)
 
-    @bentoml.api(route="/predict_image")
+    @bentoml.api(route="/predict_image", output_spec=_output_spec(_predicted))
     def predict_image(
         self,
         image: Annotated[Path, Field(description="a PNG or JPEG image")],
@@ -357,7 +387,7 @@ class ModeConnService:
             bool | None,
             Field(description="invert the image (default: decided from its border)"),
         ] = None,
-    ) -> PredictResponse:
+    ) -> PredictResponse | JSONResponse:
         """Predict one uploaded image, preprocessed as the path's training data was."""
         try:
             data = Path(image).read_bytes()
@@ -365,18 +395,16 @@ class ModeConnService:
         except RequestError as err:
             return _error(err)
 
-    @bentoml.api(route="/paths")
-    def paths(self, request: PathsRequest, /) -> PathsResponse:
+    @bentoml.api(route="/paths", output_spec=_output_spec(_listed))
+    def paths(self, request: PathsRequest, /) -> PathsResponse | JSONResponse:
         """The served paths: method, model, ensemble sizes, served t, barrier and accuracy."""
         try:
             return _list_paths(self.catalog, request.path)
         except RequestError as err:
             return _error(err)
 
-    @bentoml.api(route="/export")
-    def export(
-        self, request: ExportRequest, /
-    ) -> Annotated[Path, ContentType("application/octet-stream")]:
+    @bentoml.api(route="/export", output_spec=_output_spec(_graph_file))
+    def export(self, request: ExportRequest, /) -> FileResponse | JSONResponse:
         """The ONNX graph of a K-member ensemble or of the merged model at t, as a download."""
         try:
             return _download(self.catalog, request.path, request.mode, request.k, request.t)
@@ -384,4 +412,6 @@ class ModeConnService:
             return _error(err)
 
 
-ModeConnService.add_asgi_middleware(RequestGate)
+# BentoML annotates the parameter as type[AsgiMiddleware], a protocol whose *instances* take the
+# app, where starlette (which BentoML hands the class to) constructs the class with it.
+ModeConnService.add_asgi_middleware(RequestGate)  # pyright: ignore[reportArgumentType]
