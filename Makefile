@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/pyright
 
 format: $(STAMP)
 	$(BIN)/ruff format .
