@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path as FsPath
 
@@ -22,6 +23,7 @@ import torch
 from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path
+from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import METHODS, make_config
 from modeconn.types import Energy
@@ -89,7 +91,7 @@ def compare(
     *,
     out_dir: str | os.PathLike,
     align: bool = True,
-    params: dict[str, dict] | None = None,
+    params: Mapping[str, dict | MethodConfig] | None = None,
     ensemble_k: int = 4,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -121,7 +123,8 @@ def compare(
     rows: list[ComparisonRow] = []
     evaluations: dict[str, dict] = {}
     for label, method, aligned in runs:
-        config = make_config(method, **params.get(method, {}))
+        given = params.get(method, {})
+        config = given if isinstance(given, MethodConfig) else make_config(method, **given)
         key = _cache_key(a, b, data, method, config.model_dump(), aligned and (spec or "inferred"))
         target = out_dir / label
         artifact = None

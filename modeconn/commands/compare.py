@@ -17,6 +17,7 @@ from modeconn.commands._common import (
     resolve_device,
     write_json,
 )
+from modeconn.fit.configs import MethodConfig
 from modeconn.fit.methods import make_config, method_names
 
 
@@ -97,8 +98,8 @@ def print_comparison(rows) -> None:
     )
 
 
-def method_params(path: str | None) -> dict[str, dict]:
-    """The per-method options in ``path``, each checked against its method's config."""
+def method_params(path: str | None) -> dict[str, MethodConfig]:
+    """The per-method options in ``path``, each validated (once) into its method's config."""
     from modeconn.fit.configs import read_options
 
     if path is None:
@@ -110,8 +111,8 @@ def method_params(path: str | None) -> dict[str, dict]:
                 f"{path} must map method names to option mappings; {method!r} maps to "
                 f"{type(options).__name__}"
             )
-        make_config(method, **options)  # bad options fail before any file is read
-    return params
+    # bad options fail here, before any file is read
+    return {method: make_config(method, **options) for method, options in params.items()}
 
 
 def run(args: argparse.Namespace) -> int:
