@@ -47,3 +47,20 @@ def bn_pair(tmp_path_factory, digits) -> tuple[str, str]:
     return _train_pair(
         tmp_path_factory, digits, "cnn", {"channels": [8, 16], "norm": "bn"}, epochs=15
     )
+
+
+@pytest.fixture(scope="session")
+def mb_points():
+    """The two deepest minima and the first saddle of Muller-Brown, computed here."""
+    from landscapes import muller_brown, newton_stationary
+
+    m_a = newton_stationary(muller_brown, [-0.56, 1.44])
+    m_c = newton_stationary(muller_brown, [0.62, 0.03])
+    saddle = newton_stationary(muller_brown, [-0.82, 0.62])
+    eig = torch.linalg.eigvalsh(torch.func.hessian(muller_brown)(saddle))
+    assert eig[0] < 0 < eig[1]  # index 1: a true saddle
+    # The published values (Muller & Brown 1979): -146.70, -108.17 and -40.66.
+    assert float(muller_brown(m_a)) == pytest.approx(-146.700, abs=1e-3)
+    assert float(muller_brown(m_c)) == pytest.approx(-108.167, abs=1e-3)
+    assert float(muller_brown(saddle)) == pytest.approx(-40.665, abs=1e-3)
+    return m_a, m_c, saddle

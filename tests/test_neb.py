@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from landscapes import muller_brown, newton_stationary, ring
 
 from modeconn.evaluate import evaluate_energy_path
 from modeconn.fit.configs import DEFAULT_CYCLES, AutoNEBConfig, CycleConfig
@@ -15,58 +16,6 @@ from modeconn.fit.methods import load_config, make_config
 from modeconn.fit.neb import arc_positions, improved_tangents, project_out, respace
 
 F64 = torch.float64
-
-# ---------------------------------------------------------------------------------------------
-# Landscapes
-
-
-def ring(w):
-    """The seed's ring ``(|w|^2 - 1)^2``: every point of the unit circle is a minimum."""
-    return (w.pow(2).sum() - 1) ** 2
-
-
-# Muller & Brown (1979), Theor. Chim. Acta 53, 75: the classic NEB test surface.
-_MB = {
-    "A": (-200.0, -100.0, -170.0, 15.0),
-    "a": (-1.0, -1.0, -6.5, 0.7),
-    "b": (0.0, 0.0, 11.0, 0.6),
-    "c": (-10.0, -10.0, -6.5, 0.7),
-    "x0": (1.0, 0.0, -0.5, -1.0),
-    "y0": (0.0, 0.5, 1.5, 1.0),
-}
-_MB = {k: torch.tensor(v, dtype=F64) for k, v in _MB.items()}
-
-
-def muller_brown(w, scale: float = 1.0):
-    dx, dy = w[0] - _MB["x0"], w[1] - _MB["y0"]  # (4,)
-    q = _MB["a"] * dx * dx + _MB["b"] * dx * dy + _MB["c"] * dy * dy  # (4,)
-    return scale * (_MB["A"] * torch.exp(q)).sum()
-
-
-def newton_stationary(energy, w0, iters: int = 50):
-    """Newton's method on the gradient (a root of grad E): converges to the nearby stationary
-    point whatever its index, so it finds saddles as well as minima."""
-    w = torch.as_tensor(w0, dtype=F64)
-    for _ in range(iters):
-        g = torch.func.grad(energy)(w)
-        w = w - torch.linalg.solve(torch.func.hessian(energy)(w), g)
-    assert float(torch.func.grad(energy)(w).norm()) < 1e-9
-    return w
-
-
-@pytest.fixture(scope="module")
-def mb_points():
-    """The two deepest minima and the first saddle of Muller-Brown, computed here."""
-    m_a = newton_stationary(muller_brown, [-0.56, 1.44])
-    m_c = newton_stationary(muller_brown, [0.62, 0.03])
-    saddle = newton_stationary(muller_brown, [-0.82, 0.62])
-    eig = torch.linalg.eigvalsh(torch.func.hessian(muller_brown)(saddle))
-    assert eig[0] < 0 < eig[1]  # index 1: a true saddle
-    # The published values (Muller & Brown 1979): -146.70, -108.17 and -40.66.
-    assert float(muller_brown(m_a)) == pytest.approx(-146.700, abs=1e-3)
-    assert float(muller_brown(m_c)) == pytest.approx(-108.167, abs=1e-3)
-    assert float(muller_brown(saddle)) == pytest.approx(-40.665, abs=1e-3)
-    return m_a, m_c, saddle
 
 
 @pytest.fixture(scope="module")

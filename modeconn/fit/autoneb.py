@@ -48,7 +48,11 @@ def highest_fill(
     chord = left[:, None] * (1 - alphas) + right[:, None] * alphas  # (P-1, S)
     scores = (inner - chord) / span  # (P-1, S)
     best, where = scores.max(dim=1)  # (P-1,)
-    threshold = config.insert_threshold if isinstance(config, AutoNEBConfig) else 0.1
+    threshold = (
+        config.insert_threshold
+        if isinstance(config, AutoNEBConfig)
+        else AutoNEBConfig.model_fields["insert_threshold"].default
+    )
     for g in best.argsort(descending=True)[:count].tolist():
         if float(best[g]) > threshold:
             fill[g].append(float(alphas[where[g]]))

@@ -11,7 +11,13 @@ from torch import Tensor, nn
 from modeconn.data import Dataset
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.methods import get_method, make_config
-from modeconn.fit.objective import Objective, energy_objective, model_objective, model_parameters
+from modeconn.fit.objective import (
+    Objective,
+    check_energy,
+    energy_objective,
+    model_objective,
+    model_parameters,
+)
 from modeconn.fit.state import FitContext
 from modeconn.paths import Path
 from modeconn.types import VECTOR_KEY, Energy, StateDict
@@ -75,6 +81,15 @@ def connect(
         stats=stats if stats is not None else {},
     )
     objective, a, b = _objective(model_or_energy, start, end, data, batch_size, device)
+    if b is not None and all(torch.equal(a[k], b[k]) for k in a):
+        raise ValueError("start and end are the same point: there is no path to fit")
+    if not isinstance(model_or_energy, nn.Module):
+        ends = (
+            {"start": a[VECTOR_KEY]}
+            if b is None
+            else {"start": a[VECTOR_KEY], "end": b[VECTOR_KEY]}
+        )
+        check_energy(model_or_energy, ends, gradient=method != "linear")
     with objective.session():
         path = row.fit(objective, a, b, config, ctx)
     path.is_vector = objective.is_vector

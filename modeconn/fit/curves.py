@@ -35,6 +35,8 @@ from modeconn.fit.state import (
     FitState,
     FlatLayout,
     fingerprint,
+    load_optimizer_tensors,
+    optimizer_tensors,
     straight_interior,
     thin,
 )
@@ -104,7 +106,7 @@ class CurveTrainer:
         self.nodes = torch.cat([a[None], interior, b[None]])  # (K, N)
         # The optimised leaf: the interior rows of `nodes`, sharing their storage.
         self.interior = self.nodes[1:-1].detach().requires_grad_(True)  # (K-2, N)
-        self.optimizer = torch.optim.SGD([self.interior], lr=config.lr, momentum=config.momentum)
+        self.optimizer = _optimizer(config, objective, self.interior)
         self._knots = uniform_knots(k).tolist()
         self._binom = [float(math.comb(k - 1, i)) for i in range(k)]
 
@@ -172,18 +174,23 @@ class CurveTrainer:
     # -- resumable state -------------------------------------------------------------------
 
     def state_tensors(self) -> StateDict:
-        tensors = {"interior": self.interior.detach()}
-        buf = self.optimizer.state.get(self.interior, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors["momentum"] = buf
-        return tensors
+        return {"interior": self.interior.detach(), **optimizer_tensors(self.optimizer)}
 
     def load_state_tensors(self, tensors: StateDict) -> None:
+        device = self.interior.device
         with torch.no_grad():
-            self.interior.copy_(tensors["interior"].to(self.interior.device))  # shares `nodes`
-        if "momentum" in tensors:
-            buf = tensors["momentum"].to(self.interior.device).clone()
-            self.optimizer.state[self.interior]["momentum_buffer"] = buf
+            self.interior.copy_(tensors["interior"].to(device))  # shares `nodes`
+        load_optimizer_tensors(self.optimizer, {k: v.to(device) for k, v in tensors.items()})
+
+
+def _optimizer(config: CurveConfig, objective: Objective, leaf: Tensor) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) for a model; Adam for an energy unless told otherwise."""
+    kind = config.optimizer
+    if kind == "auto":
+        kind = "adam" if objective.is_vector else "sgd"
+    if kind == "adam":
+        return torch.optim.Adam([leaf], lr=config.lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD([leaf], lr=config.lr, momentum=config.momentum)
 
 
 def fit_curve(

@@ -21,7 +21,7 @@ from modeconn.bn import batch_stats_mode, parameter_names
 from modeconn.data import Dataset, iterate_batches
 from modeconn.types import VECTOR_KEY, Batch, Energy, StateDict
 
-__all__ = ["Objective", "energy_objective", "model_objective"]
+__all__ = ["Objective", "energy_objective", "model_objective", "model_parameters", "check_energy"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,56 @@ def energy_objective(energy: Energy, *, steps_per_epoch: int = 100) -> Objective
         raise TypeError(f"energy must be callable as energy(w) -> scalar, got {type(energy)}")
 
     def loss(params: StateDict, batch: Batch | None) -> Tensor:
-        return energy(params[VECTOR_KEY])
+        return energy(params[VECTOR_KEY]).reshape(())  # a one-element result becomes 0-d
 
     def epoch(generator: torch.Generator) -> Iterator[None]:
         for _ in range(steps_per_epoch):
             yield None
 
     return Objective(loss=loss, epoch=epoch, steps_per_epoch=steps_per_epoch, is_vector=True)
+
+
+def check_energy(energy: Energy, points: dict[str, Tensor], *, gradient: bool = True) -> None:
+    """Refuse, with one line naming the problem, an energy that no method can follow.
+
+    At each of ``points`` (e.g. the endpoints) ``energy(w)`` must return a finite one-element
+    torch tensor and, with ``gradient``, one that depends differentiably on ``w`` (not computed
+    from ``w.detach()``, ``.item()``, numpy or under ``torch.no_grad``).
+    """
+    for name, w in points.items():
+        x = w.detach().clone().requires_grad_(gradient)
+        try:
+            with torch.enable_grad():
+                value = energy(x)
+        except Exception as err:  # the user's function: say where it failed
+            raise ValueError(
+                f"energy(w) failed at the {name} point: {type(err).__name__}: {err} "
+                "(it must be a torch function of the 1-D tensor w)"
+            ) from err
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"energy(w) must return a scalar torch tensor; at the {name} point it returned "
+                f"{type(value).__name__} (do not call .item() or go through numpy)"
+            )
+        if value.numel() != 1:
+            raise ValueError(
+                f"energy(w) must return a scalar; at the {name} point it returned shape "
+                f"{tuple(value.shape)} (reduce it, e.g. with .sum())"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"the energy is {float(value)} at the {name} point; it must be finite at both "
+                "endpoints"
+            )
+        if gradient and (
+            not value.requires_grad
+            or torch.autograd.grad(value.sum(), x, allow_unused=True)[0] is None
+        ):
+            raise ValueError(
+                "energy(w) has no gradient with respect to w: it is computed from w.detach(), "
+                ".item(), numpy or under torch.no_grad; fitting needs a differentiable torch "
+                "function (only method 'linear' does without)"
+            )
 
 
 def model_objective(
