@@ -69,6 +69,20 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
         "HTTP / in-process throughput, 16 clients, batch 64 (CNN, base64)",
     ),
     ("service", "summary/memory_ratio", "<=", 1.2, "serving memory / (K x weights + runtime)"),
+    (
+        "align",
+        "mlp_64-256-256-10/ratio",
+        "<=",
+        1.0,
+        "weight matching / plain reference, MLP-256 trained on digits",
+    ),
+    (
+        "align",
+        "resnet20x4_cifar/ratio",
+        "<=",
+        1.0,
+        "weight matching / plain reference, ResNet-20x4",
+    ),
     ("spec", "resnet50/match_seconds", "<=", 20.0, "weight matching, ResNet-50, inferred spec (s)"),
     (
         "spec",

@@ -14,17 +14,24 @@ Layout of an artifact directory::
 Each fact is stored once: the index holds only what building the bundle decided (graphs,
 skipped graphs, the request) and the creation stamp of the manifest it was built from; the
 artifact's own description (method, model, data, preprocessing) is read from the manifest.
+
+The index records the SHA-256 of every graph, and a graph is opened or sent only through
+:func:`read_graph` / :func:`verify_graph`: a regular file (not a symbolic link) directly inside
+the serving directory whose bytes match that hash; anything else is an :class:`IntegrityError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modeconn.validation import problems
 
@@ -45,12 +52,16 @@ __all__ = [
     "Manifest",
     "ServedGraph",
     "ServingIndex",
+    "IntegrityError",
     "ensemble_file",
     "merged_file",
     "match_t",
     "unique_ts",
     "read_manifest",
     "read_index",
+    "file_sha256",
+    "read_graph",
+    "verify_graph",
 ]
 
 MANIFEST_FILE = "manifest.json"
@@ -59,9 +70,13 @@ BUFFERS_FILE = "buffers.safetensors"
 SERVING_DIR = "serving"
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
-SERVING_FORMAT = "modeconn.serving/2"
+#: /3: every graph carries its sha256 (an index without them cannot be checked: rebuild it).
+SERVING_FORMAT = "modeconn.serving/3"
 #: Two t values closer than this are the same point of a path (requests, served t values).
 T_TOLERANCE = 1e-6
+#: A graph's file name: plain (no folder, not hidden), so it can only name a file of the bundle.
+_GRAPH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.onnx")
+_CHUNK = 1 << 20
 
 
 def match_t(t: float, candidates: Iterable[float]) -> float | None:
@@ -164,16 +179,30 @@ class ServedGraph(_Strict):
     mode: Literal["ensemble", "merged"]
     k: int = Field(ge=1, description="members in the graph (1 for a merged model)")
     ts: list[float] = Field(description="the members' t values (one for a merged model)")
-    file: str = Field(description="file name inside the serving directory")
+    file: str = Field(description="plain file name inside the serving directory")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the file, checked before it is opened or sent",
+    )
     size_bytes: int = 0
     max_abs_diff: float | None = Field(None, description="|onnxruntime - torch| at export")
     bn: list[str] = Field(default_factory=list, description="BatchNorm statistics per member")
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _GRAPH_NAME.fullmatch(value):
+            raise ValueError(
+                "must be a plain .onnx file name inside the serving directory (like "
+                f"'ensemble_k4.onnx'), got {value!r}"
+            )
+        return value
 
 
 class ServingIndex(_Strict):
     """``serving/index.json``: what a bundle adds to its artifact."""
 
-    format: Literal["modeconn.serving/2"] = SERVING_FORMAT
+    format: Literal["modeconn.serving/3"] = SERVING_FORMAT
     artifact_created: str = Field("", description="the manifest's creation stamp (staleness)")
     has_batchnorm: bool = False
     created: str = ""
@@ -234,3 +263,114 @@ def read_index(directory: str | os.PathLike) -> ServingIndex:
         return ServingIndex.model_validate(raw)
     except ValidationError as err:
         raise ValueError(f"{file} is not a valid serving index: {problems(err)}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# The graphs of a bundle, checked against the index
+
+
+class IntegrityError(ValueError):
+    """A bundle's graph that is not what its index records: changed bytes, a missing file, a
+    symbolic link, anything but a regular file inside the serving directory.
+
+    ``reason`` says what is wrong without naming any file system path (for HTTP answers)."""
+
+    def __init__(self, message: str, reason: str = "is not what its serving index records"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_graph(directory: Path, graph: ServedGraph) -> tuple[int, Path]:
+    """A read-only descriptor of ``graph``'s file, refused unless it is a regular file directly
+    inside ``directory/serving`` (neither the folder nor the file a symbolic link)."""
+    serving = directory / SERVING_DIR
+    file = serving / graph.file
+    rebuild = f"rebuild the bundle with `modeconn serve-build {directory} --force`"
+    try:
+        if not stat.S_ISDIR(os.lstat(serving).st_mode):
+            raise IntegrityError(
+                f"{serving} is not a directory (symbolic links are refused)",
+                "is not in a plain serving directory",
+            )
+        mode = os.lstat(file).st_mode
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{file} is listed in the serving index but missing; {rebuild}", "is missing"
+        ) from None
+    except OSError as err:
+        raise IntegrityError(f"cannot read {file}: {err}", "cannot be read") from err
+    if stat.S_ISLNK(mode):
+        raise IntegrityError(
+            f"{file} is a symbolic link; a bundle serves only regular files of its own "
+            f"serving directory ({rebuild})",
+            "is a symbolic link (only regular files of the bundle are served)",
+        )
+    if not stat.S_ISREG(mode):
+        raise IntegrityError(f"{file} is not a regular file; {rebuild}", "is not a regular file")
+    # O_NOFOLLOW: the file cannot become a link between the check and the open; O_NONBLOCK:
+    # a FIFO put in its place cannot block the open (it then fails the regular-file check).
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(file, flags | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise IntegrityError(
+            f"cannot open {file} as a regular file ({err}); {rebuild}", "cannot be opened"
+        ) from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{file} is not a regular file; {rebuild}", "is not a regular file")
+    return fd, file
+
+
+def _mismatch(directory: Path, file: Path, graph: ServedGraph, found: str) -> IntegrityError:
+    return IntegrityError(
+        f"{file} does not match its serving index (sha256 {found[:16]}..., the index records "
+        f"{graph.sha256[:16]}...): it changed after it was built; rebuild the bundle with "
+        f"`modeconn serve-build {directory} --force`",
+        "does not match the sha256 its serving index records (it changed after it was built)",
+    )
+
+
+def read_graph(directory: str | os.PathLike, graph: ServedGraph) -> bytes:
+    """The bytes of ``graph``'s file in the artifact ``directory``, checked against the index
+    (:class:`IntegrityError` if they differ, or if the file is not a regular file of the
+    bundle). Open these bytes, not the file: then what runs is what was checked."""
+    directory = Path(directory)
+    fd, file = _open_graph(directory, graph)
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise IntegrityError(f"cannot read {file}: {err}", "cannot be read") from err
+    found = hashlib.sha256(data).hexdigest()
+    if found != graph.sha256:
+        raise _mismatch(directory, file, graph, found)
+    return data
+
+
+def verify_graph(directory: str | os.PathLike, graph: ServedGraph) -> os.stat_result:
+    """Check ``graph``'s file in the artifact ``directory`` against the index, as
+    :func:`read_graph` does, without holding it in memory; returns the status of the file
+    that was checked (its identity, size and times tell whether it changed since)."""
+    directory = Path(directory)
+    fd, file = _open_graph(directory, graph)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise IntegrityError(f"cannot read {file}: {err}", "cannot be read") from err
+    if digest.hexdigest() != graph.sha256:
+        raise _mismatch(directory, file, graph, digest.hexdigest())
+    return info

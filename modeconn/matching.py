@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch.func import functional_call
 
 from modeconn.types import StateDict
 from models.spec import (
+    AxisEntry,
     PermutationSpec,
     apply_permutation,
     axis_index,
@@ -45,9 +47,10 @@ logger = logging.getLogger(__name__)
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 # Networks with up to this many matched elements are matched in float64 (exact enough that ties
-# between equally good assignments are ties); bigger ones in the tensors' own dtype, which is 2-3x
-# faster on a CPU and makes no float64 copy of any tensor. Each term's (n, n) product is summed in
-# float64 either way.
+# between equally good assignments are ties), laid out once per group (_StackedCost: A and B in
+# every group they enter, about five float64 copies of the matched tensors, 320 MB at most);
+# bigger ones in the tensors' own dtype, which is 2-3x faster on a CPU and makes no copy of any
+# tensor (_TermCost). Each term's (n, n) product is summed in float64 either way.
 _FLOAT64_ELEMENTS = 8_000_000
 
 # A sweep counts as a gain only above this relative improvement of one group's objective; it
@@ -126,12 +129,6 @@ def _prepare_terms(
     return terms
 
 
-def _segment_rows(x: Tensor, term: _Term, dtype: torch.dtype) -> Tensor:
-    """The term's segment of ``x`` as rows, one per block: ``(count, m)``."""
-    x = x.narrow(term.axis, term.offset, term.count * term.inner).movedim(term.axis, 0)
-    return x.reshape(term.count, -1).to(dtype)
-
-
 def _permute_others(
     spec: PermutationSpec, key: str, x: Tensor, skip: int | None, perms: Mapping[str, Tensor]
 ) -> Tensor:
@@ -155,9 +152,219 @@ def _objective(
     """``sum_k <A_k, pi(B)_k>``, one tensor at a time (no copy of the whole state)."""
     total = 0.0
     for key in a:
-        permuted = _permute_others(spec, key, b[key], None, perms)
-        total += float(torch.vdot(a[key].reshape(-1).to(dtype), permuted.reshape(-1).to(dtype)))
+        x, y = a[key], _permute_others(spec, key, b[key], None, perms)
+        if dtype == torch.float64 and _on_host(x, y):  # one thread, no float64 copies
+            total += float(
+                np.einsum("i,i->", x.numpy().ravel(), y.numpy().ravel(), dtype=np.float64)
+            )
+        else:
+            total += float(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
     return total
+
+
+#: Floating dtypes numpy shares memory with (not bfloat16).
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+#: One gather of B's other axes: ``(position in the laid-out tensor, spec entry, axis size)``.
+_Gather: TypeAlias = tuple[int, AxisEntry, int]
+
+
+@dataclass(frozen=True)
+class _StackedCost:
+    """One group's cost for a network matched in float64: laid out once, one product a solve.
+
+    Every term of A and B is copied once into the layout ``(*gathered, *others, inner, count)``
+    (the axes B's permutations gather first, the group's blocks last) and flattened to
+    ``(m, n)``; the terms are stacked into ``a`` and ``b``, ``(M, n)``. Before a solve only the
+    rows of ``b`` whose tensor has a gathered axis are rewritten, gathered into them from
+    ``sources`` (a gather along a leading axis copies long contiguous runs), and
+    ``C = a.T @ b`` is a single ``(n, M) @ (M, n)`` product.
+    """
+
+    a: Tensor  # (M, n)
+    b: Tensor  # (M, n)
+    sources: tuple[tuple[Tensor, Tensor, tuple[_Gather, ...]], ...]  # (B term, rows of b, gathers)
+    depends: frozenset[str]  # the groups the gathers use
+
+    def __call__(self, perms: Mapping[str, Tensor]) -> Tensor:
+        for source, out, gathers in self.sources:
+            indices = []
+            for position, entry, size in gathers:
+                index = axis_index(entry, size, perms, source.device)
+                assert index is not None  # every gathered entry names a group in perms
+                indices.append((position, index))
+            _gather_into(out, source, indices)
+        return self.a.T @ self.b  # (n, M) @ (M, n) -> (n, n)
+
+
+@dataclass(frozen=True)
+class _TermCost:
+    """One group's cost for a big network: each term cast and laid out on the fly.
+
+    ``terms[i]`` is ``(term, A view, B view, gathers)``, the views being the term's segment with
+    its axis first, ``(count * inner, *other axes)``: no copy of a tensor is kept. Each product
+    is taken in ``dtype`` (float32 for float32 weights) and summed in float64.
+    """
+
+    terms: tuple[tuple[_Term, Tensor, Tensor, tuple[_Gather, ...]], ...]
+    dtype: torch.dtype
+    depends: frozenset[str]
+
+    def __call__(self, perms: Mapping[str, Tensor]) -> Tensor:
+        cost = None
+        for term, a, b, gathers in self.terms:
+            for position, entry, size in gathers:
+                index = axis_index(entry, size, perms, b.device)
+                assert index is not None
+                b = b.index_select(position, index)  # B's other axes aligned with A's
+            rows_a = a.reshape(term.count, -1).to(self.dtype)  # (n, m)
+            rows_b = b.reshape(term.count, -1).to(self.dtype)  # (n, m)
+            product = rows_a @ rows_b.T  # (n, n)
+            cost = product.to(torch.float64) if cost is None else cost.add_(product)
+        assert cost is not None  # a group is only solved when it has terms
+        return cost
+
+
+def _gathered_axes(spec: PermutationSpec, term: _Term) -> list[int]:
+    """The axes of the term's tensor, other than its own, that some group permutes."""
+    return [ax for ax, e in enumerate(spec[term.key]) if ax != term.axis and _names(e)]
+
+
+def _laid_out(x: Tensor, term: _Term, gathered: list[int]) -> Tensor:
+    """A view of the term's segment of ``x`` as ``(*gathered, *others, inner, count)``."""
+    shape = list(x.shape)
+    others = [ax for ax in range(len(shape)) if ax != term.axis and ax not in gathered]
+    split = shape[: term.axis] + [term.count, term.inner] + shape[term.axis + 1 :]
+    where = [ax if ax < term.axis else ax + 1 for ax in range(len(shape))]  # axes after split
+    order = [where[ax] for ax in gathered + others] + [term.axis + 1, term.axis]
+    x = x.narrow(term.axis, term.offset, term.count * term.inner).reshape(split)
+    return x.permute(order)
+
+
+def _on_host(*tensors: Tensor) -> bool:
+    """Whether to copy and gather ``tensors`` with numpy: on the CPU, in a dtype numpy shares.
+
+    numpy copies on one thread; torch opens a parallel region for any copy over 32k elements,
+    which on a busy machine waits milliseconds for a second core to copy what takes microseconds
+    (the cost of most of a solve on a shared 2-core machine).
+    """
+    return all(t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS for t in tensors)
+
+
+def _copy_into(out: Tensor, x: Tensor) -> None:
+    """``out[...] = x``, cast to ``out``'s dtype."""
+    if _on_host(out, x):
+        np.copyto(out.numpy(), x.numpy())
+    else:
+        out.copy_(x)
+
+
+def _gather_into(out: Tensor, source: Tensor, indices: list[tuple[int, Tensor]]) -> None:
+    """``out[...] = source`` gathered by ``index`` along ``axis``, for each ``(axis, index)``."""
+    if _on_host(out, source):
+        x = source.numpy()
+        for i, (axis, index) in enumerate(indices):
+            # mode="clip" (the indices are valid) lets take write into `out` unbuffered.
+            into = out.numpy() if i + 1 == len(indices) else None
+            x = np.take(x, index.numpy(), axis, into, "clip")
+        return
+    x = source
+    for axis, index in indices[:-1]:
+        x = x.index_select(axis, index)
+    axis, index = indices[-1]
+    torch.index_select(x, axis, index, out=out)  # the last gather writes straight into `out`
+
+
+def _stacked_cost(
+    spec: PermutationSpec,
+    terms: list[_Term],
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    dtype: torch.dtype,
+) -> _StackedCost:
+    n = terms[0].count
+    views = []
+    for term in terms:
+        gathered = _gathered_axes(spec, term)
+        entries, shape = spec[term.key], a[term.key].shape
+        gathers = tuple((i, entries[ax], shape[ax]) for i, ax in enumerate(gathered))
+        views.append(
+            (
+                _laid_out(a[term.key], term, gathered),
+                _laid_out(b[term.key], term, gathered),
+                gathers,
+            )
+        )
+    rows = sum(view_a.numel() // n for view_a, _, _ in views)
+    device = views[0][0].device
+    stacked_a = torch.empty(rows, n, dtype=dtype, device=device)  # (M, n)
+    stacked_b = torch.empty(rows, n, dtype=dtype, device=device)  # (M, n)
+    sources, row = [], 0
+    for view_a, view_b, gathers in views:
+        block = slice(row, row + view_a.numel() // n)
+        row = block.stop
+        # One copy per tensor, casting on the way: straight into the stacked rows.
+        _copy_into(stacked_a[block].view(view_a.shape), view_a)
+        out = stacked_b[block].view(view_b.shape)
+        if gathers:  # rows that change with the other groups: rewritten before each solve
+            source = torch.empty(view_b.shape, dtype=dtype, device=device)
+            _copy_into(source, view_b)
+            sources.append((source, out, gathers))
+        else:
+            _copy_into(out, view_b)
+    return _StackedCost(
+        a=stacked_a,
+        b=stacked_b,
+        sources=tuple(sources),
+        depends=frozenset(h for _, _, gs in sources for _, e, _ in gs for h in _names(e)),
+    )
+
+
+def _term_cost(
+    spec: PermutationSpec,
+    terms: list[_Term],
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    dtype: torch.dtype,
+) -> _TermCost:
+    prepared = []
+    for term in terms:
+        gathered = _gathered_axes(spec, term)
+        entries, shape = spec[term.key], a[term.key].shape
+        # movedim(axis, 0) keeps the other axes in order, behind the moved one.
+        gathers = tuple(
+            (ax + 1 if ax < term.axis else ax, entries[ax], shape[ax]) for ax in gathered
+        )
+        a_view, b_view = (
+            x[term.key]
+            .narrow(term.axis, term.offset, term.count * term.inner)
+            .movedim(term.axis, 0)
+            for x in (a, b)
+        )
+        prepared.append((term, a_view, b_view, gathers))
+    depends = frozenset(h for *_, gs in prepared for _, e, _ in gs for h in _names(e))
+    return _TermCost(tuple(prepared), dtype, depends)
+
+
+def _names(entry: AxisEntry) -> set[str]:
+    """The groups an axis entry names."""
+    if entry is None:
+        return set()
+    if isinstance(entry, str):
+        return {entry}
+    return {g for g, _, _ in entry if g is not None}
+
+
+def _nonlinear_groups(spec: PermutationSpec, keys: Iterable[str]) -> set[str]:
+    """Groups that permute two axes of one tensor: their objective is not linear in them."""
+    found: set[str] = set()
+    for key in keys:
+        seen: set[str] = set()
+        for entry in spec[key]:
+            names = _names(entry)
+            found |= seen & names
+            seen |= names
+    return found
 
 
 def weight_matching(
@@ -179,7 +386,10 @@ def weight_matching(
     A's tensor with P's axis first, flattened; ``B_w`` is B's with every *other* axis's current
     permutation applied, P's axis first, flattened. ``linear_sum_assignment(C, maximize=True)``
     gives P's new permutation, kept when it improves on the current one. Stops after a sweep
-    with no gain, or after ``max_iter`` sweeps.
+    with no gain, or after ``max_iter`` sweeps. A group is not solved again while none of the
+    groups its cost gathers B by has moved since its last solve (the cost, and so the
+    assignment, would be the same), so ``lsa_calls`` may be below ``sweeps x groups``; the
+    permutations are those of the plain algorithm.
 
     Args:
         spec: permutation spec covering every key of the state dicts (e.g. ``models.infer_spec(model, x).spec``).
@@ -206,47 +416,64 @@ def weight_matching(
         device = next(iter(state_a.values())).device if state_a else torch.device("cpu")
     device = torch.device(device)
 
-    # The matched tensors stay as they are; each cost term is cast on the fly, so the only full
-    # copy of a state made is the permuted result.
+    # Precision of the costs (see _FLOAT64_ELEMENTS). A small network is copied once, cast to
+    # float64 and laid out per group (_StackedCost), so that a solve is a few gathers and one
+    # product; a big one is used as it is, each term cast and laid out on the fly (_TermCost),
+    # so that the only full copy of a state made is the permuted result.
+    small = sum(state_a[k].numel() for k in keys) <= _FLOAT64_ELEMENTS
+    first = state_a[keys[0]].dtype if keys else torch.float32
+    dtype = torch.float64 if small else torch.promote_types(first, torch.float32)
     a = {k: state_a[k].detach().to(device) for k in keys}
     b = {k: state_b[k].detach().to(device) for k in keys}
     terms = _prepare_terms(spec, keys, state_a, sizes)
     groups = sorted(g for g in sizes if terms[g])
+    costs = {
+        g: _stacked_cost(spec, terms[g], a, b, dtype)
+        if small
+        else _term_cost(spec, terms[g], a, b, dtype)
+        for g in groups
+    }
     perms = {g: torch.arange(sizes[g], device=device) for g in sorted(sizes)}
+    current = {g: np.arange(sizes[g]) for g in groups}  # perms[g] on the host, for the gains
 
+    # When every group enters each tensor through one axis, the objective is linear in each
+    # group and changes by exactly the accepted gain of its assignment: it is tracked from the
+    # cost matrices. Otherwise it is recomputed after every sweep.
+    incremental = not _nonlinear_groups(spec, keys)
+    # A group's cost depends only on the groups its terms gather B by. When none of them has
+    # moved since the group was last solved, its cost, and so its assignment, would come out
+    # the same: the solve is skipped (typically half the last sweep, and more on chains).
+    moved = dict.fromkeys(groups, -1)  # step at which each permutation last changed
+    solved: dict[str, int] = {}  # step at which each group was last solved
     generator = torch.Generator().manual_seed(seed)
-    # Precision of the costs (see _FLOAT64_ELEMENTS): float64 unless the network is big.
-    dtype = torch.float64
-    if sum(a[k].numel() for k in keys) > _FLOAT64_ELEMENTS:
-        dtype = torch.promote_types(next(iter(a.values())).dtype, torch.float32)
-    objective = [_objective(spec, a, b, perms, dtype)]
+    objective = [_objective(spec, a, b, {}, dtype)]  # identity: nothing to gather
     logger.info("weight matching: %d groups, identity objective %.6g", len(groups), objective[0])
-    lsa_seconds, lsa_calls, sweeps, converged = 0.0, 0, 0, False
+    lsa_seconds, lsa_calls, sweeps, converged, step = 0.0, 0, 0, False, 0
     for sweep in range(max_iter):
-        improved = False
+        improved, value = False, objective[-1]
         for index in torch.randperm(len(groups), generator=generator).tolist():
             group = groups[index]
-            n = sizes[group]
-            cost = torch.zeros(n, n, dtype=torch.float64, device=device)  # (n, n)
-            for term in terms[group]:
-                b_other = _permute_others(spec, term.key, b[term.key], term.axis, perms)
-                # (n, m) @ (m, n) -> (n, n): A's blocks against B's, other axes aligned.
-                rows_a = _segment_rows(a[term.key], term, dtype)
-                product = rows_a @ _segment_rows(b_other, term, dtype).T
-                cost += product.to(torch.float64)
-            c = cost.cpu().numpy()
+            step += 1
+            last = solved.get(group)
+            if last is not None and all(moved[h] < last for h in costs[group].depends):
+                continue
+            solved[group] = step
+            c = costs[group](perms).cpu().numpy()  # (n, n) float64
             tic = time.perf_counter()
             _, cols = linear_sum_assignment(c, maximize=True)
             lsa_seconds += time.perf_counter() - tic
             lsa_calls += 1
-            current = perms[group].cpu().numpy()
-            old = float(c[np.arange(n), current].sum())
-            new = float(c[np.arange(n), cols].sum())
+            rows = np.arange(len(cols))
+            old = float(c[rows, current[group]].sum())
+            new = float(c[rows, cols].sum())
             if new > old + _REL_TOL * max(1.0, abs(old)):
                 perms[group] = torch.as_tensor(cols, dtype=torch.long, device=device)
+                current[group] = cols
+                moved[group] = step
+                value += new - old
                 improved = True
         sweeps = sweep + 1
-        objective.append(_objective(spec, a, b, perms, dtype))
+        objective.append(value if incremental else _objective(spec, a, b, perms, dtype))
         logger.info(
             "weight matching sweep %d: objective %.6g (gain %.3g)",
             sweeps,

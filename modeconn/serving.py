@@ -10,7 +10,8 @@ Every graph comes from :mod:`modeconn.export` (one graph per ensemble, mean soft
 per-input uncertainty out; Garipov et al. 2018, arXiv 1802.10026), so the service itself needs
 only onnxruntime. BatchNorm models get graphs only where the artifact stores BN statistics
 (its served t values); a point set (FGE) only at its members. The bundle is written to a
-temporary directory and renamed, so a crash never leaves half of one.
+temporary directory and renamed, so a crash never leaves half of one. The index records each
+graph's SHA-256: a bundle whose files no longer match it is rebuilt, never kept or saved.
 
 Building needs torch (:func:`build_serving`); reading does not (:mod:`modeconn.formats`,
 :func:`find_served`): this module imports torch only inside :func:`build_serving`.
@@ -30,14 +31,17 @@ from modeconn.formats import (
     INDEX_FILE,
     MANIFEST_FILE,
     SERVING_DIR,
+    IntegrityError,
     ServedGraph,
     ServingIndex,
     ensemble_file,
+    file_sha256,
     match_t,
     merged_file,
     read_index,
     read_manifest,
     unique_ts,
+    verify_graph,
 )
 
 __all__ = [
@@ -121,9 +125,35 @@ def _check_ts(ts: Sequence[float]) -> list[float]:
     return unique_ts(values)
 
 
+def _previous_request(directory: Path) -> dict:
+    """``{"ks", "ts"}`` an existing bundle was built with (either may be absent), read leniently:
+    also from an index of an earlier format, which a rebuild replaces with the same graphs."""
+    try:
+        raw = json.loads((directory / SERVING_DIR / INDEX_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    requested = raw.get("requested") if isinstance(raw, dict) else None
+    if not isinstance(requested, dict):
+        return {}
+    out = {}
+    for key, check in (("ks", _check_ks), ("ts", _check_ts)):
+        try:
+            if isinstance(requested.get(key), list):
+                out[key] = check(requested[key])
+        except ValueError:
+            pass
+    return out
+
+
+def _verify_bundle(directory: Path, index: ServingIndex) -> None:
+    """Every graph of ``index`` is the regular file it records (``IntegrityError`` if not)."""
+    for graph in index.graphs:
+        verify_graph(directory, graph)
+
+
 def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
     """The existing index when it was built from this very artifact (with ``requested``
-    ks and ts, unless that is None)."""
+    ks and ts, unless that is None) and its graphs are still what it records."""
     try:
         index = read_index(directory)
         created = read_manifest(directory).created
@@ -133,8 +163,10 @@ def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
         return None
     if requested is not None and index.requested != requested:
         return None
-    serving = directory / SERVING_DIR
-    if not all((serving / g.file).is_file() for g in index.graphs):
+    try:
+        _verify_bundle(directory, index)
+    except IntegrityError as err:
+        log.warning("rebuilding the serving bundle of %s: %s", directory, err)
         return None
     return index
 
@@ -154,10 +186,13 @@ def build_serving(
     Graphs that cannot be served are skipped and listed in the index with the reason: BatchNorm
     models without stored statistics at a t (see ``PathArtifact.served_ts``), point sets (FGE)
     at t values that are not members or with fewer than K members, ensembles heavier than
-    ``max_ensemble_mb``. ``ks``/``ts`` default to :data:`DEFAULT_KS`/:data:`DEFAULT_TS`.
-    A bundle already built from this very artifact is kept unless ``force``, or unless ``ks``
-    or ``ts`` are given and differ from what it was built with. Written atomically; returns
-    the index.
+    ``max_ensemble_mb``. ``ks``/``ts`` default to what an existing bundle was built with (also
+    with ``force``, and from an index of an earlier format), else to
+    :data:`DEFAULT_KS`/:data:`DEFAULT_TS`. A bundle already built from this very artifact, whose
+    graphs still match their recorded SHA-256, is kept unless ``force``, or unless ``ks`` or
+    ``ts`` are given and differ from what it was built with. Written atomically (temporary
+    folders of killed runs are removed first, see :func:`modeconn.io.atomic_dir`); returns the
+    index.
     """
     from modeconn.artifact import load_artifact
     from modeconn.bn import has_batchnorm
@@ -167,8 +202,9 @@ def build_serving(
 
     directory = Path(artifact_dir)
     explicit = ks is not None or ts is not None
-    ks = _check_ks(DEFAULT_KS if ks is None else ks)
-    ts = _check_ts(DEFAULT_TS if ts is None else ts)
+    previous = _previous_request(directory)
+    ks = _check_ks(previous.get("ks", DEFAULT_KS) if ks is None else ks)
+    ts = _check_ts(previous.get("ts", DEFAULT_TS) if ts is None else ts)
     if not ks and not ts:
         raise ValueError("nothing to build: give at least one ensemble size or one t value")
     if not max_ensemble_mb > 0:
@@ -244,6 +280,7 @@ def build_serving(
                     k=k,
                     ts=[float(t) for t in result.manifest["ts"]],
                     file=file,
+                    sha256=file_sha256(tmp / file),
                     size_bytes=result.size_bytes,
                     max_abs_diff=result.max_abs_diff,
                     bn=[str(b) for b in result.manifest.get("bn", [])],
@@ -296,6 +333,7 @@ def save_to_store(artifact_dir: str | os.PathLike, name: str | None = None) -> s
 
     directory = Path(artifact_dir)
     index = read_index(directory)  # refuses an artifact without a bundle
+    _verify_bundle(directory, index)  # nor a bundle whose graphs changed since they were built
     manifest = read_manifest(directory)
     name = name or f"modeconn-{directory.name}"
     with bentoml.models.create(

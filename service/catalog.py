@@ -5,6 +5,11 @@ request into one graph and one input array.
 No torch here: manifests and bundles are read as the typed records of :mod:`modeconn.formats`,
 graphs with :class:`modeconn.runtime.OnnxModel`. Every user error is a :class:`RequestError`
 carrying an HTTP status and a message that lists the valid choices.
+
+A graph is opened or exported only as its serving index records it: a regular file of its
+bundle whose SHA-256 matches (:func:`modeconn.formats.read_graph`). Any other graph is refused,
+with one log line and a 503 for its requests, while the rest keeps serving; a bundle that
+cannot be read at all leaves its path refused (503) the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,21 +29,28 @@ import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its fir
 
 from modeconn.formats import (
     SERVING_DIR,
+    IntegrityError,
     Manifest,
     ServedGraph,
     ServingIndex,
     match_t,
+    read_graph,
     read_index,
     read_manifest,
+    verify_graph,
 )
 from modeconn.runtime import Device, OnnxModel
 from modeconn.serving import find_served, store_path
 from service.preprocess import image_to_input, normalize_raw
 from service.schemas import PathInfo, PredictRequest, PredictResponse
 
-__all__ = ["RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
+__all__ = ["REFUSED", "RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
 
 log = logging.getLogger("modeconn.service")
+
+#: The status of an answer that needs a refused graph or path: the server cannot serve it
+#: until its bundle is rebuilt (not the client's fault, and not a crash).
+REFUSED = 503
 
 
 class RequestError(Exception):
@@ -54,33 +67,111 @@ def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
+_FileId = tuple[int, int, int, int, int]  # device, inode, size, mtime and ctime (ns)
+
+
+def _file_id(info: os.stat_result) -> _FileId:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 @dataclass
 class Graph:
-    """One ONNX graph of a served path, opened on first use (or at start with ``preload``)."""
+    """One ONNX graph of a served path, opened on first use (or at start with ``preload``).
+
+    It is opened from bytes checked against the serving index, and its file is exported only
+    after the same check (repeated whenever the file's identity, size or times change); a
+    graph that fails it is refused: one log line, and a 503 for every request that needs it.
+    """
 
     entry: ServedGraph  # what the serving index says of it
     file: Path
     name: str
+    directory: Path  # the artifact (the file is directory/serving/entry.file)
     device: Device = "auto"
     threads: int | None = None
     _model: OnnxModel | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The last check of the file: its identity then, and the refusal (None: it matched).
+    _checked: tuple[_FileId, str | None] | None = field(default=None, repr=False)
+    _logged: str | None = field(default=None, repr=False)  # the refusal last logged
+    _log_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def model(self) -> OnnxModel:
+        """The onnxruntime session (``RequestError`` 503 if the graph is refused)."""
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    seen = self._seen()
+                    try:
+                        data = read_graph(self.directory, self.entry)
+                    except IntegrityError as err:
+                        raise RequestError(REFUSED, self._refuse(err, seen)) from None
                     # No busy-waiting pool threads: many sessions share the worker's cores.
                     self._model = OnnxModel(
-                        self.file,
+                        data,
                         device=self.device,
                         intra_op_threads=self.threads,
                         name=self.name,
                         spinning=False,
                     )
+                    del data
                     release_freed_memory()
         return self._model
+
+    def verified_file(self) -> Path:
+        """The graph's file, checked against the serving index (``RequestError`` 503 if it is
+        refused): a regular file of the bundle, not a link, with the recorded SHA-256. The
+        file is hashed again only when its identity, size or times changed since the last
+        check."""
+        seen = self._seen()
+        checked = self._checked
+        if seen is not None and checked is not None and checked[0] == seen:
+            refusal = checked[1]
+        else:
+            try:
+                self._checked = (_file_id(verify_graph(self.directory, self.entry)), None)
+                refusal = None
+            except IntegrityError as err:
+                refusal = self._refuse(err, seen)
+        if refusal is not None:
+            raise RequestError(REFUSED, refusal)
+        return self.file
+
+    def _seen(self) -> _FileId | None:
+        """The identity of the graph's file now (None unless it is a regular file)."""
+        try:
+            info = os.lstat(self.file)
+        except OSError:
+            return None
+        return _file_id(info) if stat.S_ISREG(info.st_mode) else None
+
+    def precheck(self) -> None:
+        """At start without preload: refuse now a file that is missing, a link, or not a
+        regular file (cheap); its bytes are checked when it is first used."""
+        if self._seen() is None:
+            self.verified_file()
+
+    def ensure_usable(self) -> None:
+        """Refuse (``RequestError`` 503) a graph that is not open and fails its check, before
+        a request is accepted for it; an open graph runs what was checked when it opened."""
+        if self._model is None:
+            self.verified_file()
+
+    def _refuse(self, err: IntegrityError, seen: _FileId | None) -> str:
+        """Log ``err`` (once while it stays the same), remember the refusal for the file seen
+        as ``seen`` (not hashed again while it stays so), and return the message for clients,
+        which names no file system path."""
+        message = (
+            f"graph {self.name} is refused: it {err.reason}; rebuild its bundle with "
+            "`modeconn serve-build DIR --force` and restart the server"
+        )
+        self._checked = (seen, message) if seen is not None else None
+        with self._log_lock:
+            if self._logged != str(err):
+                self._logged = str(err)
+                log.error("refusing graph %s: %s", self.name, err)
+        return message
 
     @property
     def loaded(self) -> bool:
@@ -191,10 +282,12 @@ def _entropy(probs: np.ndarray, log_probs: np.ndarray) -> np.ndarray:
 
 
 class Catalog:
-    """Every served path, by name."""
+    """Every served path, by name; ``refused`` holds, by name, the answer (503) for the paths
+    whose bundle could not be loaded."""
 
-    def __init__(self, paths: dict[str, ServedPath]):
+    def __init__(self, paths: dict[str, ServedPath], refused: dict[str, str] | None = None):
         self.paths = paths
+        self.refused = refused or {}
 
     @classmethod
     def load(
@@ -209,8 +302,11 @@ class Catalog:
         """Every artifact with a serving bundle at or below ``root`` (named by its relative
         path, see ``find_served``) plus the BentoML store models ``tags`` (named by model name).
 
-        A broken bundle is logged and left out; the others are served. ``preload`` opens every
-        graph now (readiness then means every graph loads), otherwise on first use.
+        A broken bundle is logged and its path refused (503); the others are served. A graph
+        that does not match its serving index is refused alone (see :class:`Graph`).
+        ``preload`` opens every graph now (readiness then means every graph was loaded or
+        refused), otherwise each is hashed and opened on first use. Nothing to serve (no
+        bundle, or every bundle refused) is a ``ValueError``: a server would answer nothing.
         """
         found: list[tuple[str, Path]] = []
         if root is not None:
@@ -226,6 +322,7 @@ class Catalog:
                 log.warning("models directory %s not found; serving store models only", root)
         found += [store_path(tag) for tag in tags]  # a missing tag stops the start
         paths: dict[str, ServedPath] = {}
+        refused: dict[str, str] = {}
         for name, directory in found:
             if name in paths:
                 log.error(
@@ -237,27 +334,41 @@ class Catalog:
                 continue
             try:
                 served = _load_path(name, directory, device, intra_op_threads)
-                if preload:
-                    for graph in served.graphs():
-                        graph.model  # noqa: B018 - opens the session
+                for graph in served.graphs():
+                    try:
+                        if preload:
+                            graph.model  # noqa: B018 - opens the session
+                        else:
+                            graph.precheck()
+                    except RequestError:
+                        pass  # refused (and logged) alone: the path's other graphs serve
             except (OSError, ValueError, RuntimeError) as err:
                 log.error("not serving %s: %s", directory, err)
+                refused[name] = (
+                    f"path {name!r} is refused: its serving bundle could not be loaded (the "
+                    "server log says why); rebuild it with `modeconn serve-build DIR --force` "
+                    "and restart the server"
+                )
                 continue
             paths[name] = served
-        catalog = cls(paths)
         if not paths:
-            log.warning(
-                "nothing to serve under %s: build bundles with `modeconn serve-build %s`",
-                root,
-                root,
+            where = f"under {root}" if root is not None else f"in the model store ({list(tags)})"
+            if refused:
+                raise ValueError(
+                    f"nothing to serve {where}: every serving bundle was refused "
+                    f"({', '.join(sorted(refused))}; see the errors above)"
+                )
+            raise ValueError(
+                f"nothing to serve {where}: no serving bundle found; build them with "
+                f"`modeconn serve-build {root}`"
             )
-        else:
-            log.info(
-                "serving %d paths (%s): %s",
-                len(paths),
-                catalog.provider() or "graphs open on first use",
-                ", ".join(f"{n} ({len(p.graphs())} graphs)" for n, p in paths.items()),
-            )
+        catalog = cls(paths, refused)
+        log.info(
+            "serving %d paths (%s): %s",
+            len(paths),
+            catalog.provider() or "graphs open on first use",
+            ", ".join(f"{n} ({len(p.graphs())} graphs)" for n, p in paths.items()),
+        )
         return catalog
 
     def provider(self) -> str | None:
@@ -269,6 +380,8 @@ class Catalog:
 
     def get(self, name: str) -> ServedPath:
         served = self.paths.get(name)
+        if served is None and name in self.refused:
+            raise RequestError(REFUSED, self.refused[name])
         if served is None:
             names = sorted(self.paths)
             raise RequestError(
@@ -279,7 +392,13 @@ class Catalog:
         return served
 
     def graph(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
-        """The graph for ``mode`` (``point`` is ``merged``), ``k`` and ``t`` on ``served``."""
+        """The graph for ``mode`` (``point`` is ``merged``), ``k`` and ``t`` on ``served``
+        (``RequestError`` 503 if it is refused)."""
+        graph = self._select(served, mode, k, t)
+        graph.ensure_usable()
+        return graph
+
+    def _select(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
         if mode == "ensemble":
             ks = sorted(served.ensembles)
             if t is not None:
@@ -428,7 +547,8 @@ class Catalog:
     def export(self, path: str, mode: str, k: int | None, t: float | None) -> tuple[Graph, str]:
         """The graph file to download and a descriptive file name for it."""
         served = self.get(path)
-        graph = self.graph(served, mode, k, t)
+        graph = self._select(served, mode, k, t)
+        graph.verified_file()  # also for an open graph: the file is what is sent
         stem = served.name.replace("/", "_").strip("._") or "path"
         return graph, f"{stem}_{graph.file.name}"
 
@@ -456,13 +576,11 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
     ensembles: dict[int, Graph] = {}
     merged: dict[float, Graph] = {}
     for g in index.graphs:
-        file = directory / SERVING_DIR / g.file
-        if not file.is_file():
-            raise ValueError(f"{file} is listed in the serving index but missing")
         graph = Graph(
             entry=g,
-            file=file,
+            file=directory / SERVING_DIR / g.file,  # a plain name (formats.ServedGraph)
             name=f"{name}/{g.file}",
+            directory=directory,
             device=device,
             threads=threads,
         )

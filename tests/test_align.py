@@ -12,7 +12,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from modeconn.matching import AlignmentResult, align_models, weight_matching
+from modeconn.matching import AlignmentResult, align_models, matching_keys, weight_matching
 from models import apply_permutation, create_model, random_permutation
 from models.infer import infer_spec
 
@@ -227,3 +227,133 @@ def test_matches_slow_reference():
     assert result.objective[-1] > result.objective[0]
     for layer, perm in enumerate(ref_perms):
         assert result.perms[f"P_layers.{layer}"].tolist() == perm
+
+
+# --- the fast paths give what the plain algorithm gives ---------------------------------------
+
+
+def _direct_objective(state_a, state_b_permuted, keys) -> float:
+    return sum(
+        float(torch.vdot(state_a[k].double().reshape(-1), state_b_permuted[k].double().reshape(-1)))
+        for k in keys
+    )
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "resnet20-bn"])
+def test_tracked_objective_is_the_objective(arch):
+    """The objective is tracked from the accepted gains, not recomputed: it must still be
+    sum_k <A_k, pi(B)_k> (the CNN's flatten makes segments, the ResNet joins groups)."""
+    a, b = _model(arch, 0).state_dict(), _model(arch, 1).state_dict()
+    result = weight_matching(_spec(_model(arch, 0)), a, b)
+    keys = matching_keys(a)
+    assert result.sweeps > 1
+    assert result.objective[0] == pytest.approx(_direct_objective(a, b, keys), rel=1e-12)
+    assert result.objective[-1] == pytest.approx(_direct_objective(a, result.state, keys), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet20-bn", "resnet20-ln"])
+def test_matches_the_plain_reference(arch):
+    """Same permutations as the benchmark's plain transcription of the paper's algorithm, which
+    solves every group in every sweep (the library skips groups whose inputs did not move)."""
+    from benchmarks.bench_align import reference_weight_matching
+
+    a, b = _model(arch, 0).state_dict(), _model(arch, 1).state_dict()
+    spec = _spec(_model(arch, 0))
+    result = weight_matching(spec, a, b, seed=2)
+    reference = reference_weight_matching(spec, a, b, seed=2)
+    assert set(result.perms) == set(reference)
+    for group, perm in reference.items():
+        assert result.perms[group].tolist() == perm.tolist(), group
+    assert result.lsa_calls <= result.sweeps * len(reference)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet20-bn"])
+@pytest.mark.parametrize("path", ["torch", "big"])
+def test_every_cost_path_finds_the_same_permutations(arch, path, monkeypatch):
+    """On the CPU small networks gather with numpy; elsewhere (CUDA) with torch, taken here by
+    declining numpy. Networks above _FLOAT64_ELEMENTS are matched term by term in float32."""
+    import modeconn.matching as matching
+
+    model = _model(arch, seed=0)
+    state_a, state_b, planted = _plant(model)
+    spec = _spec(model)
+    default = weight_matching(spec, state_a, state_b)
+    if path == "torch":
+        monkeypatch.setattr(matching, "_on_host", lambda *tensors: False)
+    else:
+        monkeypatch.setattr(matching, "_FLOAT64_ELEMENTS", 0)
+    other = weight_matching(spec, state_a, state_b)
+    for group, p in planted.items():
+        assert torch.equal(default.perms[group], torch.argsort(p)), group
+        assert torch.equal(other.perms[group], torch.argsort(p)), group
+    assert other.objective == pytest.approx(
+        default.objective, rel=1e-12 if path == "torch" else 1e-5
+    )
+
+
+def test_group_on_two_axes_of_one_tensor():
+    """A group that permutes both axes of a tensor makes the objective quadratic in it: the
+    objective is then recomputed after each sweep instead of tracked."""
+    gen = torch.Generator().manual_seed(0)
+    spec = {"w": ("P", "P"), "v": ("P", None)}
+    state_a = {"w": torch.randn(6, 6, generator=gen), "v": torch.randn(6, 3, generator=gen)}
+    state_b = apply_permutation(state_a, spec, {"P": torch.randperm(6, generator=gen)})
+    state_b = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in state_b.items()}
+    result = weight_matching(spec, state_a, state_b)
+    permuted = apply_permutation(state_b, spec, result.perms)
+    assert result.objective[-1] == pytest.approx(
+        _direct_objective(state_a, permuted, ["w", "v"]), rel=1e-12
+    )
+
+
+# --- the command's barrier report ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bn_files(tmp_path_factory) -> tuple[str, str]:
+    """Two untrained digits CNNs with BatchNorm, saved as endpoints (the report needs no training)."""
+    from modeconn.checkpoint import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("bn_files")
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model("cnn", SHAPE, 10, channels=[8, 16], norm="bn")
+        save_checkpoint(folder / f"cnn_{seed}.safetensors", model, data="digits", seed=seed)
+        files.append(str(folder / f"cnn_{seed}.safetensors"))
+    return files[0], files[1]
+
+
+def _align_cli(capsys, files, tmp_path, *extra: str) -> tuple[int, list[str], str]:
+    from modeconn.cli import main
+
+    code = main(["align", *files, "--out", str(tmp_path / "b.safetensors"), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def test_align_report_is_quick_by_default_and_says_what_it_measured(bn_files, tmp_path, capsys):
+    code, lines, _ = _align_cli(capsys, bn_files, tmp_path)
+    assert code == 0
+    (said,) = [line for line in lines if "report on each" in line]
+    assert said.startswith("quick report") and "t = 0, 0.25, 0.5, 0.75, 1" in said
+    assert "BN statistics (recomputed at each t) and train loss from 512 seeded of 1437" in said
+    assert "test error on all 360 test inputs" in said and "--report full" in said
+    barriers = [line for line in lines if "barrier" in line]
+    assert [line.split(":")[0].split()[-1] for line in barriers] == ["before", "after"]
+
+    code, lines, _ = _align_cli(capsys, bn_files, tmp_path, "--report", "full", "--points", "3")
+    assert code == 0
+    (said,) = [line for line in lines if "report on each" in line]
+    assert said.startswith("full report") and "t = 0, 0.5, 1" in said
+    assert "from all 1437 training inputs" in said
+    assert len([line for line in lines if "barrier" in line]) == 2
+
+    for extra in (["--report", "none"], ["--points", "0"]):
+        code, lines, _ = _align_cli(capsys, bn_files, tmp_path, *extra)
+        assert code == 0 and not [
+            line for line in lines if "barrier" in line or "report on each" in line
+        ]
+
+    code, _, err = _align_cli(capsys, bn_files, tmp_path, "--points", "1")
+    assert code == 2 and "--points must be 0 (no report) or >= 2" in err

@@ -5,8 +5,10 @@
     modeconn serve-build DIR --k 2,4,8 --ts 0,0.5,1              # choose ensembles and merges
 
 Writes ``DIR/serving/`` (one graph per K-member ensemble, one per merged model at t, and
-``index.json``); ``bentoml serve service.service:ModeConnService`` loads every artifact that has
-one. BatchNorm models get graphs only at the t values whose statistics the artifact stores.
+``index.json`` with each graph's sha256); ``bentoml serve service.service:ModeConnService`` loads
+every artifact that has one. BatchNorm models get graphs only at the t values whose statistics
+the artifact stores. A bundle is rebuilt when its artifact changed or a graph no longer matches
+its sha256; temporary folders left by killed runs are removed.
 """
 
 from __future__ import annotations
@@ -66,7 +68,12 @@ def register(sub) -> None:
         default=DEFAULT_MAX_ENSEMBLE_MB,
         help="skip ensembles whose weights exceed this size (default: %(default)s)",
     )
-    p.add_argument("--force", action="store_true", help="rebuild bundles that are up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild bundles even when up to date (with the K and t values each bundle holds, "
+        "unless --k/--ts are given)",
+    )
     p.add_argument(
         "--to-store",
         action="store_true",
