@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -152,7 +153,7 @@ def soak(minutes: float, clients: int, artifacts: Path, bad_every: int) -> dict:
                         str(artifacts)], cwd=REPO, check=True)  # fmt: skip
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(HERE / ".soak-server.log", "w")  # noqa: SIM115 - lives as long as the server
+    log = open(Path(tempfile.gettempdir()) / "modeconn-soak-server.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("bentoml")), "serve", "service.service:ModeConnService",
          "--host", "127.0.0.1", "--port", str(port)],
