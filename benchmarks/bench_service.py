@@ -314,13 +314,14 @@ def _bench_case(url: str, model_file: Path, name: str, shape, quick: bool) -> di
 
 
 def _memory(root: Path, home: Path, quick: bool) -> dict:
-    """Worker RSS with a K-member ensemble vs an empty worker plus K members' weights."""
+    """Worker RSS with a K-member ensemble vs a worker serving a tiny path (the baseline: a
+    server with nothing to serve stops) plus K members' weights."""
     model_name, shape, k = "mlp", (1, 8, 8), 4 if quick else 5
     kwargs = {"width": 1024 if quick else 2048, "depth": 2}
     _artifact(root / "memory", "wide_mlp", model_name, shape, kwargs, k)
-    (root / "empty").mkdir()
+    _artifact(root / "tiny", "tiny", model_name, shape, {"width": 4, "depth": 1}, 2)
     servers = {
-        "baseline": Server(root / "empty", home, root / "baseline.log"),
+        "baseline": Server(root / "tiny" / "models", home, root / "baseline.log"),
         "ensemble": Server(root / "memory" / "models", home, root / "ensemble.log"),
     }
     try:

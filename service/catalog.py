@@ -41,6 +41,7 @@ from modeconn.formats import (
 )
 from modeconn.runtime import Device, OnnxModel
 from modeconn.serving import find_served, store_path
+from service.errors import clip
 from service.preprocess import image_to_input, normalize_raw
 from service.schemas import PathInfo, PredictRequest, PredictResponse
 
@@ -386,7 +387,7 @@ class Catalog:
             names = sorted(self.paths)
             raise RequestError(
                 404,
-                f"unknown path {name!r}; served paths: {names if names else 'none'}",
+                f"unknown path {clip(name)}; served paths: {names if names else 'none'}",
                 {"path": names},
             )
         return served

@@ -13,17 +13,27 @@ import base64
 import binascii
 import math
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic import model_validator as _model_validator
 
 from modeconn.formats import ServedGraph
+from service.errors import ErrorResponse, clip
 
 __all__ = [
     "Mode",
     "DEFAULT_MAX_BATCH",
+    "MAX_K",
     "max_batch",
     "parse_inputs",
     "parse_b64",
@@ -38,6 +48,8 @@ __all__ = [
 
 Mode = Literal["ensemble", "merged", "point"]
 DEFAULT_MAX_BATCH = 1024
+#: The largest ensemble size a request may name (a bound, so that no k is echoed at length).
+MAX_K = 2**31 - 1
 _MAX_DEPTH = 6  # batch axis + up to 5 input axes
 
 _DIGIT_EXAMPLE = [
@@ -62,6 +74,13 @@ def max_batch() -> int:
     return value if value >= 1 else DEFAULT_MAX_BATCH
 
 
+def _too_many(n: object, limit: int) -> str:
+    return (
+        f"the batch has {clip(n)} inputs, above the maximum of {limit} "
+        "(MODECONN_MAX_BATCH): split it into several requests"
+    )
+
+
 # Strict nested float lists: numbers only (ints allowed), never bools or numeric strings.
 _ADAPTERS: dict[int, TypeAdapter] = {}
 
@@ -80,9 +99,7 @@ def _where(loc: tuple) -> str:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{text} ({type(value).__name__})"
+    return f"{clip(value, 40)} ({type(value).__name__})"
 
 
 def parse_inputs(value: Any, *, limit: int | None = None) -> np.ndarray:
@@ -96,10 +113,7 @@ def parse_inputs(value: Any, *, limit: int | None = None) -> np.ndarray:
     if not value:
         raise ValueError("inputs is empty: send a batch of at least one input, e.g. [[...]]")
     if len(value) > limit:
-        raise ValueError(
-            f"the batch has {len(value)} inputs, above the maximum of {limit} "
-            "(MODECONN_MAX_BATCH): split it into several requests"
-        )
+        raise ValueError(_too_many(len(value), limit))
     depth, probe = 0, value
     while isinstance(probe, list) and depth <= _MAX_DEPTH:
         depth += 1
@@ -113,12 +127,12 @@ def parse_inputs(value: Any, *, limit: int | None = None) -> np.ndarray:
         )
     if depth > _MAX_DEPTH:
         raise ValueError(f"inputs nest deeper than {_MAX_DEPTH} levels")
-    try:
-        _adapter(depth).validate_python(value)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
+    errors: list[tuple[tuple, dict, int]] = []
+    _check(value, depth, (), errors)
+    if errors:
+        loc, first, _ = errors[0]
+        count = sum(n for _, _, n in errors)
         got = first.get("input")
-        loc = tuple(first.get("loc", ()))
         if first["type"] in ("float_type", "float_parsing"):
             expected = "a number"
         elif first["type"] == "list_type":
@@ -127,10 +141,10 @@ def parse_inputs(value: Any, *, limit: int | None = None) -> np.ndarray:
             expected = "a number or a list of numbers"
         raise ValueError(
             f"{_where(loc)}: expected {expected}, got {_describe(got)} "
-            f"({err.error_count()} bad element{'s' if err.error_count() > 1 else ''} in all)"
-        ) from None
+            f"({count} bad element{'s' if count > 1 else ''} in all)"
+        )
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = _convert(value, depth)
     except ValueError:
         raise ValueError(_ragged(value)) from None
     if not np.isfinite(array).all():
@@ -144,6 +158,84 @@ def parse_inputs(value: Any, *, limit: int | None = None) -> np.ndarray:
     return array.astype(np.float32)
 
 
+# Large batches are checked and converted in pieces of at most _STEP numbers: each call into
+# pydantic or numpy holds the GIL, and a request parsed in a worker thread must leave the event
+# loop (health checks, other requests) a turn every few milliseconds.
+_STEP = 1 << 16
+
+
+def _size(value: Any, depth: int) -> int:
+    """How many numbers a nested list ``depth`` deep holds (anything else counts as one)."""
+    if not isinstance(value, list):
+        return 1
+    if depth <= 1:
+        return max(len(value), 1)
+    return max(sum(_size(x, depth - 1) for x in value), 1)
+
+
+def _pieces(value: list, depth: int):
+    """Consecutive slices ``(start, stop, alone)`` of ``value``'s rows, each of at most _STEP
+    numbers; ``alone``: one row above _STEP, to be split itself."""
+    if depth == 1:
+        yield from ((i, min(i + _STEP, len(value)), False) for i in range(0, len(value), _STEP))
+        return
+    start, total = 0, 0
+    for i, row in enumerate(value):
+        size = _size(row, depth - 1)
+        if size > _STEP:
+            if i > start:
+                yield start, i, False
+            yield i, i + 1, True
+            start, total = i + 1, 0
+        elif total + size > _STEP:
+            yield start, i, False
+            start, total = i, size
+        else:
+            total += size
+    if start < len(value):
+        yield start, len(value), False
+
+
+def _check(value: list, depth: int, loc: tuple, errors: list) -> None:
+    """Strict numbers in every piece of ``value``; each failing piece appends ``(location,
+    first error, error count)`` to ``errors``."""
+    for start, stop, alone in _pieces(value, depth):
+        if alone:
+            _check(value[start], depth - 1, loc + (start,), errors)
+            continue
+        try:
+            _adapter(depth).validate_python(value[start:stop])
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = tuple(first.get("loc", ()))
+            if where and isinstance(where[0], int):
+                where = (where[0] + start, *where[1:])
+            errors.append((loc + where, first, err.error_count()))
+
+
+def _convert(value: list, depth: int) -> np.ndarray:
+    """``value`` (checked by ``_check``) as a float64 array; ``ValueError`` if it is ragged."""
+    parts = [
+        _convert(value[start], depth - 1)[None]
+        if alone
+        else np.asarray(value[start:stop], dtype=np.float64)
+        for start, stop, alone in _pieces(value, depth)
+    ]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _b64decode(text: str) -> bytes:
+    """base64 (strict alphabet, padding only at the end), decoded a bounded piece at a time."""
+    step = 1 << 20  # a multiple of 4: the pieces decode to what the whole would
+    if len(text) <= step:
+        return base64.b64decode(text, validate=True)
+    if text.find("=", 0, len(text) - 2) != -1:
+        raise ValueError("padding '=' before the end")
+    return b"".join(
+        base64.b64decode(text[i : i + step], validate=True) for i in range(0, len(text), step)
+    )
+
+
 def parse_b64(text: str, shape: list[int] | None, *, limit: int | None = None) -> np.ndarray:
     """A base64 float32 little-endian batch of ``shape`` as an array (``ValueError`` if not)."""
     limit = max_batch() if limit is None else limit
@@ -151,22 +243,20 @@ def parse_b64(text: str, shape: list[int] | None, *, limit: int | None = None) -
         raise ValueError("inputs_b64 needs shape, the array's shape batch first, e.g. [1, 1, 8, 8]")
     if len(shape) < 2 or len(shape) > _MAX_DEPTH or any(d < 1 for d in shape):
         raise ValueError(
-            f"shape {shape} must be batch first with every size >= 1: (N, *input_shape) or "
+            f"shape {clip(shape)} must be batch first with every size >= 1: (N, *input_shape) or "
             "(N, prod(input_shape))"
         )
     if shape[0] > limit:
-        raise ValueError(
-            f"the batch has {shape[0]} inputs, above the maximum of {limit} "
-            "(MODECONN_MAX_BATCH): split it into several requests"
-        )
+        raise ValueError(_too_many(shape[0], limit))
     try:
-        data = base64.b64decode(text, validate=True)
+        data = _b64decode(text)
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"inputs_b64 is not valid base64 ({err})") from None
     expected = 4 * math.prod(shape)
     if len(data) != expected:
         raise ValueError(
-            f"inputs_b64 holds {len(data)} bytes; shape {shape} of float32 needs {expected}"
+            f"inputs_b64 holds {len(data)} bytes; shape {clip(shape)} of float32 needs "
+            f"{clip(expected)}"
         )
     array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
     if not np.isfinite(array).all():
@@ -196,6 +286,23 @@ def _ragged(value: list) -> str:
     return "inputs are ragged: every input must have the same shape"
 
 
+def _short_batch(value: Any) -> Any:
+    """Refuse a batch above the limit before pydantic copies the list (in one call)."""
+    if isinstance(value, list) and len(value) > max_batch():
+        raise ValueError(_too_many(len(value), max_batch()))
+    return value
+
+
+def _short_shape(value: Any) -> Any:
+    """Refuse a shape longer than any input has before pydantic validates every entry."""
+    if isinstance(value, list) and len(value) > _MAX_DEPTH:
+        raise ValueError(
+            f"shape {clip(value)} must be batch first, at most {_MAX_DEPTH} sizes: "
+            "(N, *input_shape) or (N, prod(input_shape))"
+        )
+    return value
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -206,7 +313,7 @@ class PredictRequest(_Request):
     path: str = Field(
         description="a served path's name, as GET /paths lists it", examples=["paths/bezier"]
     )
-    inputs: list[Any] | None = Field(
+    inputs: Annotated[list[Any] | None, BeforeValidator(_short_batch)] = Field(
         None,
         description="the batch, first axis N: shape (N, *input_shape) or (N, prod(input_shape)); "
         "finite numbers, preprocessed like the training data (or raw, see `raw`)",
@@ -217,7 +324,7 @@ class PredictRequest(_Request):
         description="instead of inputs, for large batches: the batch as float32 little-endian "
         "bytes, base64-encoded (numpy: base64.b64encode(x.astype('<f4').tobytes())); needs shape",
     )
-    shape: list[int] | None = Field(
+    shape: Annotated[list[int] | None, BeforeValidator(_short_shape)] = Field(
         None, description="the shape of inputs_b64, batch first, e.g. [64, 3, 32, 32]"
     )
     mode: Mode = Field(
@@ -228,6 +335,7 @@ class PredictRequest(_Request):
     k: int | None = Field(
         None,
         ge=1,
+        le=MAX_K,
         description="ensemble members (default: the largest K built for this path)",
         examples=[4],
     )
@@ -274,7 +382,9 @@ class ExportRequest(_Request):
 
     path: str = Field(description="a served path's name", examples=["paths/bezier"])
     mode: Mode = Field("ensemble", description="'ensemble', 'merged' or 'point'")
-    k: int | None = Field(None, ge=1, description="ensemble members (default: largest built)")
+    k: int | None = Field(
+        None, ge=1, le=MAX_K, description="ensemble members (default: largest built)"
+    )
     t: float | None = Field(
         None, ge=0.0, le=1.0, allow_inf_nan=False, description="merged/point: t (default: 0.5)"
     )
@@ -333,10 +443,3 @@ class PathsResponse(BaseModel):
 
     paths: list[PathInfo]
     max_batch: int = Field(description="the largest batch a request may carry")
-
-
-class ErrorResponse(BaseModel):
-    """Every 4xx answer of this service's own checks."""
-
-    error: str = Field(description="what was wrong and what was expected")
-    expected: dict = Field(default_factory=dict, description="valid values, where useful")

@@ -64,3 +64,67 @@ def mb_points():
     assert float(muller_brown(m_c)) == pytest.approx(-108.167, abs=1e-3)
     assert float(muller_brown(saddle)) == pytest.approx(-40.665, abs=1e-3)
     return m_a, m_c, saddle
+
+
+@pytest.fixture(scope="session")
+def models_root(mlp_pair, bn_pair, digits, tmp_path_factory):
+    """A models directory for the service: paths/mlp (ensembles K = 2, 3; merged t = 0, 0.5),
+    paths/cnn (BatchNorm; K = 2, t = 0.5; t = 0.3 skipped) and "unbuilt" (no bundle)."""
+    from modeconn.checkpoint import load_checkpoint
+    from modeconn.pipeline import fit_artifact
+    from modeconn.serving import build_serving
+
+    root = tmp_path_factory.mktemp("served")
+    for name, pair, ks, ts in (
+        ("mlp", mlp_pair, (2, 3), (0.0, 0.5)),
+        ("cnn", bn_pair, (2,), (0.5, 0.3)),  # 0.3 has no stored BN statistics: skipped
+    ):
+        a, b = (load_checkpoint(p) for p in pair)
+        out = root / "paths" / name
+        fit_artifact(a, b, digits, "linear", out=out, eval_points=3, served_ts=[0.0, 0.5, 1.0])
+        build_serving(out, ks=ks, ts=ts)
+    a, b = (load_checkpoint(p) for p in mlp_pair)
+    fit_artifact(a, b, digits, "linear", out=root / "unbuilt", eval_points=0)
+    return root
+
+
+#: The in-process service's settings (the HTTP tests' expectations follow them).
+SERVICE_ENV = {"MODECONN_MAX_BATCH": "64", "MODECONN_MAX_BODY_MB": "1"}
+
+
+@pytest.fixture(scope="session")
+def service_client(models_root):
+    """One in-process client of the service (``TestClient`` over ``to_asgi()``) for the whole
+    session: BentoML registers its metrics once per process, and its adaptive batcher belongs
+    to the event loop of the first client. Settings: ``SERVICE_ENV``; a module that calls it
+    sets them again while it does (``MODECONN_MAX_BATCH`` is read at each request)."""
+    import warnings
+
+    with warnings.catch_warnings():  # starlette asks for httpx2 instead of httpx
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    from service.service import ModeConnService
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODECONN_ARTIFACTS", str(models_root))
+        for name, value in SERVICE_ENV.items():
+            mp.setenv(name, value)
+        for name in ("MODECONN_MODELS", "MODECONN_API_KEY"):
+            mp.delenv(name, raising=False)
+        client = TestClient(ModeConnService.to_asgi(), raise_server_exceptions=False)
+        client.__enter__()
+        client.get("/readyz")  # builds the middleware: the gate reads its settings now
+    try:
+        yield client
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def service_env():
+    """``SERVICE_ENV`` set while a module uses ``service_client``."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in SERVICE_ENV.items():
+            mp.setenv(name, value)
+        yield

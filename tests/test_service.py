@@ -16,34 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modeconn.checkpoint import load_checkpoint
 from modeconn.formats import read_index, read_manifest
-from modeconn.pipeline import fit_artifact
 from modeconn.runtime import OnnxModel
 from modeconn.serving import build_serving, find_served
 from tests.bentoml_server import REPO, bentoml_server
+from tests.error_bodies import ErrorBodies
 
 MAX_BATCH = 64
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: two served artifacts (a digits MLP, a BatchNorm CNN) and one without a bundle
-
-
-@pytest.fixture(scope="module")
-def models_root(mlp_pair, bn_pair, digits, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("served")
-    for name, pair, ks, ts in (
-        ("mlp", mlp_pair, (2, 3), (0.0, 0.5)),
-        ("cnn", bn_pair, (2,), (0.5, 0.3)),  # 0.3 has no stored BN statistics: skipped
-    ):
-        a, b = (load_checkpoint(p) for p in pair)
-        out = root / "paths" / name
-        fit_artifact(a, b, digits, "linear", out=out, eval_points=3, served_ts=[0.0, 0.5, 1.0])
-        build_serving(out, ks=ks, ts=ts)
-    a, b = (load_checkpoint(p) for p in mlp_pair)
-    fit_artifact(a, b, digits, "linear", out=root / "unbuilt", eval_points=0)
-    return root
+# Fixtures: `models_root` (conftest): two served artifacts and one without a bundle
 
 
 def _reference(root: Path, path: str, file: str) -> OnnxModel:
@@ -208,22 +191,13 @@ def test_raw_inputs_are_normalised_and_range_checked(digits):
 
 
 @pytest.fixture(scope="module")
-def asgi(models_root):
-    import warnings
-
-    with warnings.catch_warnings():  # starlette asks for httpx2 instead of httpx
-        warnings.simplefilter("ignore")
-        from starlette.testclient import TestClient
-
-    from service.service import ModeConnService
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODECONN_ARTIFACTS", str(models_root))
-        mp.setenv("MODECONN_MAX_BATCH", str(MAX_BATCH))
-        mp.setenv("MODECONN_MAX_BODY_MB", "1")
-        mp.delenv("MODECONN_MODELS", raising=False)
-        with TestClient(ModeConnService.to_asgi(), raise_server_exceptions=False) as client:
-            yield client
+def asgi(service_client, service_env):
+    """The service in process (conftest: bodies up to 1 MB, batches up to 64), every 4xx body
+    checked against its documented schema."""
+    hooks = service_client.event_hooks
+    ErrorBodies(service_client.get("/docs.json").json()).install(service_client)
+    yield service_client
+    service_client.event_hooks = hooks
 
 
 def _x(n: int = 2, seed: int = 0) -> list:
@@ -376,7 +350,7 @@ BAD_PREDICTIONS = [
     ('{"path": "paths/mlp", "inputs": []}', 400, "inputs is empty"),
     ('{"path": "paths/mlp", "inputs": [[]]}', 400, "expects [N, 1, 8, 8]"),
     ('{"path": "paths/mlp", "inputs": [1, 2, 3]}', 400, "batch first"),
-    ('{"path": "paths/mlp", "inputs": 5}', 400, "valid array"),
+    ('{"path": "paths/mlp", "inputs": 5}', 400, "valid list"),
     ('{"path": "paths/mlp", "inputs": [[1, 2], [3]]}', 400, "ragged: inputs[1] has 1 elements"),
     (
         '{"path": "paths/mlp", "inputs": [[1, 2], [[3], [4]]]}',
@@ -497,7 +471,7 @@ def test_bad_batch_items_fail_before_batching(asgi):
     got = asgi.post("/predict_batch", json=items)
     assert got.status_code == 400 and "available ensemble sizes: [2, 3]" in got.text
     assert got.json()["detail"][0]["loc"] == ["root", 1]
-    assert asgi.post("/predict_batch", json=[]).status_code == 200  # nothing to do
+    assert asgi.post("/predict_batch", json=[]).status_code == 400  # as /predict: not empty
     assert asgi.post("/predict_batch", json={"path": "paths/mlp"}).status_code == 400
 
 
@@ -649,6 +623,7 @@ def test_real_server_refuses_bad_input_and_stays_ready(server):
 
     url = server["url"]
     with httpx.Client(base_url=url, timeout=30) as client:
+        ErrorBodies(client.get("/docs.json").json()).install(client)
         for body, status, fragment in [*BAD_PREDICTIONS, (BATCH_ABOVE_MAX, 400, "maximum")]:
             got = client.post(
                 "/predict", content=body, headers={"content-type": "application/json"}
