@@ -279,7 +279,8 @@ class BatchItem(PredictRequest):
             return self
         try:
             _served(catalog, self.path)
-            catalog.resolve(self)
+            _, graph, _ = catalog.resolve(self)
+            graph.model  # noqa: B018 - opens (and checks) a lazily loaded graph now, not mid-batch
         except RequestError as err:
             raise ValueError(err.message) from None
         return self

@@ -176,7 +176,9 @@ with TestClient(ModeConnService.to_asgi(), raise_server_exceptions=False) as cli
         client.get("/export", params={"path": "paths/a", "k": "2"}),
         client.post("/predict", json={**body, "path": "paths/b"}),
     ]
+    batch = client.post("/predict_batch", json=[body])  # checked while the batch is parsed
 print(json.dumps([[a.status_code, a.json()] for a in answers]))
+print(json.dumps([batch.status_code, batch.json()]))
 """
 
 
@@ -195,10 +197,12 @@ def test_the_http_answer_to_a_corrupted_graph_is_a_503_error_body(root):
         timeout=300,
     )
     assert ran.returncode == 0, ran.stderr
-    *refused, served = json.loads(ran.stdout.strip().splitlines()[-1])
+    *refused, served = json.loads(ran.stdout.strip().splitlines()[-2])
     for status, body in refused:
         assert status == 503 and "sha256" in body["error"], body
     assert served[0] == 200, served
+    status, body = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert status == 400 and "sha256" in body["error"], body  # a batch cannot answer 503
 
 
 def test_serve_build_rebuilds_a_corrupted_bundle(root):
