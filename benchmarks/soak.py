@@ -191,6 +191,13 @@ def soak(minutes: float, clients: int, artifacts: Path, bad_every: int) -> dict:
         began = time.perf_counter()
         for t in threads:
             t.start()
+        rss_samples = []  # (minute, MiB): a plateau or a leak shows here
+        while any(t.is_alive() for t in threads):
+            time.sleep(1.0)
+            if not rss_samples or time.perf_counter() - began >= 60 * (rss_samples[-1][0] + 1):
+                rss_samples.append(
+                    (round((time.perf_counter() - began) / 60), round(_rss_mib(server.pid), 1))
+                )
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - began
@@ -221,6 +228,7 @@ def soak(minutes: float, clients: int, artifacts: Path, bad_every: int) -> dict:
         "unexpected": {k: v for k, v in stats.unexpected.items() if v},
         "server_rss_mib_start": round(rss_start, 1),
         "server_rss_mib_end": round(rss_end, 1),
+        "server_rss_mib_each_minute": rss_samples,
         "ready_after": ready,
     }
 
@@ -240,6 +248,7 @@ def _write(result: dict, out: Path) -> None:
     for key in ("requests", "throughput_rps", "valid_p50_ms", "valid_p99_ms", "valid_mean_ms",
                 "server_rss_mib_start", "server_rss_mib_end", "ready_after"):  # fmt: skip
         lines.append(f"| {key} | {result[key]} |")
+    lines.append(f"| server_rss_mib_each_minute | {result['server_rss_mib_each_minute']} |")
     lines += ["", "Status codes:", ""]
     lines += [f"- {k}: {v}" for k, v in result["statuses"].items()]
     unexpected = result["unexpected"]
