@@ -245,7 +245,7 @@ def _load_torchvision(kind: str, root_str: str) -> Dataset:
     if not root.is_dir():
         raise ValueError(
             f"{kind} folder not found: {root}. Nothing is downloaded here: put the {cls_name} "
-            "files there first (as torchvision's datasets.{cls_name}(root, download=True) would)"
+            f"files there first (as torchvision's datasets.{cls_name}(root, download=True) would)"
         )
     cls = getattr(torchvision.datasets, cls_name)
     try:

@@ -93,6 +93,8 @@ def test_align_keeps_the_function_and_lowers_the_barrier(mlp_pair, tmp_path, cap
             "expects [1, 8, 8]",
         ),
         (["eval-path", "{tmp}/nowhere"], "artifact directory not found"),
+        (["connect", "{a}", "{b}", "--device", "mps", "--out", "{tmp}/p"], "only cpu and cuda"),
+        (["connect", "{a}", "{b}", "--device", "gpu0", "--out", "{tmp}/p"], "not a device"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(

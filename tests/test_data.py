@@ -72,8 +72,9 @@ def test_npz_that_is_not_an_npz(tmp_path):
 def test_torchvision_sets_need_a_local_folder(tmp_path, spec):
     with pytest.raises(ValueError, match="needs a folder"):
         load_data(spec)
-    with pytest.raises(ValueError, match="folder not found"):
+    with pytest.raises(ValueError, match="folder not found") as err:
         load_data(f"{spec}:{tmp_path / 'nope'}")
+    assert "{" not in str(err.value)  # every placeholder filled in
     with pytest.raises(ValueError, match="not found or corrupt"):
         load_data(f"{spec}:{tmp_path}")
 

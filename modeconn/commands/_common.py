@@ -51,7 +51,12 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: str) -> torch.device:
     import torch
 
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; use cpu or cuda (cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"--device {name}: CUDA is not available on this machine; use --device cpu"
