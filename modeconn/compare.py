@@ -67,10 +67,11 @@ def _file_digest(path: str) -> str:
 
 
 def _cache_key(
-    a: Checkpoint, b: Checkpoint, data: Dataset, method: str, config: dict, aligned
+    a: Checkpoint, b: Checkpoint, data: Dataset, method: str, config: dict, aligned, points: int
 ) -> str:
     blob = json.dumps(
         {
+            "points": points,  # the evaluation stored with the fit
             "a": _file_digest(a.path_name),
             "b": _file_digest(b.path_name),
             "data": data.fingerprint(),
@@ -125,7 +126,9 @@ def compare(
     for label, method, aligned in runs:
         given = params.get(method, {})
         config = given if isinstance(given, MethodConfig) else make_config(method, **given)
-        key = _cache_key(a, b, data, method, config.model_dump(), aligned and (spec or "inferred"))
+        key = _cache_key(
+            a, b, data, method, config.model_dump(), aligned and (spec or "inferred"), eval_points
+        )
         target = out_dir / label
         artifact = None
         reused = False

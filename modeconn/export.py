@@ -195,9 +195,14 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _check_out(out: str | os.PathLike) -> None:
-    if FsPath(out).is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name such as model.onnx")
+def _check_out(out: str | os.PathLike, suffix: str = ".onnx") -> None:
+    path = FsPath(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as model{suffix}")
+    if path.suffix != suffix:  # a .pt name would promise a torch checkpoint it does not hold
+        raise ValueError(
+            f"--out {out}: this writes a {suffix[1:]} file; name it {path.with_suffix(suffix).name}"
+        )
 
 
 def _trace(module: nn.Module, example: Tensor, output_names: Sequence[str]):
@@ -367,7 +372,7 @@ def export_merged(
     endpoint checkpoint that every ``modeconn`` command reads like a trained endpoint."""
     if format not in ("onnx", "safetensors"):
         raise ValueError(f"format must be 'onnx' or 'safetensors', got {format!r}")
-    _check_out(out)
+    _check_out(out, f".{format}")
     artifact = as_artifact(artifact)
     begin = time.perf_counter()
     model = artifact.build_model()

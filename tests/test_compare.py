@@ -28,6 +28,9 @@ def test_compare_fits_each_method_with_its_own_options_and_reuses_them(mlp_pair,
     assert fit["stats"]["epochs"] == 2  # the validated options reached the fitter
     code, out, _ = run_cli(capsys, *argv)
     assert code == 0 and out.count("(cached)") == 3
+    code, out, _ = run_cli(capsys, *argv[:-3], 21, *argv[-2:])  # other --points: fit again
+    assert code == 0 and "(cached)" not in out
+    assert len(load_artifact(tmp_path / "runs" / "bezier").manifest.metrics["ts"]) >= 21
 
 
 def test_compare_refuses_bad_options_before_reading_any_file(tmp_path, capsys):

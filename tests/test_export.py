@@ -243,6 +243,8 @@ def test_cli_export_ensemble_merged_and_safetensors(arts, digits, tmp_path, caps
         (["--recompute-bn"], "needs --data"),
         (["--data", "mnist"], "needs a folder"),
         (["--out", "."], "is a directory"),
+        (["--out", "model.pt"], "writes a onnx file; name it model.onnx"),
+        (["--t", "0.5", "--format", "safetensors"], "name it x.safetensors"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(arts, tmp_path, capsys, extra, message):
