@@ -15,6 +15,7 @@ then cost one index operation instead of a DataLoader round trip.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 from torch import Tensor
 
 from modeconn.types import Batch
+
+log = logging.getLogger("modeconn")
 
 __all__ = ["Dataset", "load_data", "iterate_batches", "DATA_KINDS", "DEFAULT_DATA"]
 
@@ -182,6 +185,7 @@ def _load_npz(path_str: str) -> Dataset:
                     f"(found {', '.join(archive.files) or 'none'})"
                 )
             arrays = {key: archive[key] for key in _NPZ_KEYS}
+            declared = archive["num_classes"] if "num_classes" in archive.files else None
     except ValueError as err:
         if "lacks" in str(err):
             raise
@@ -211,12 +215,16 @@ def _load_npz(path_str: str) -> Dataset:
             f"{path}: x_train inputs have shape {x_tr.shape[1:]}, x_test {x_te.shape[1:]}; "
             "they must match"
         )
-    num_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
-    low = int(min(y_tr.min(initial=0), y_te.min(initial=0)))
-    if low < 0:
-        raise ValueError(f"{path}: labels must lie in 0..C-1, found {low}")
     if len(y_tr) == 0:
         raise ValueError(f"{path}: x_train is empty")
+    num_classes = _npz_classes(path, y_tr, y_te, declared)
+    if x_tr.dtype == np.uint8 and int(x_tr.max(initial=0)) > 1:
+        log.warning(
+            "%s: x_train holds uint8 values up to %d, used as they are; networks usually train "
+            "on values scaled to [0, 1] (store x / 255 as float32)",
+            path,
+            int(x_tr.max()),
+        )
     return Dataset(
         name=f"npz:{path}",
         x_train=torch.from_numpy(x_tr.astype(np.float32)),
@@ -226,6 +234,55 @@ def _load_npz(path_str: str) -> Dataset:
         num_classes=num_classes,
         preprocessing={"kind": "array", "note": "inputs are used as given in the npz file"},
     )
+
+
+def _npz_classes(path: Path, y_tr: np.ndarray, y_te: np.ndarray, declared) -> int:
+    """The class count C of an npz: its ``num_classes`` if stored, else ``max(y_train) + 1``.
+
+    Labels must lie in 0..C-1, every class must occur in ``y_train``, and ``y_test`` may only use
+    classes ``y_train`` has; a class far rarer than the others is named in a warning (a stray
+    label, such as one 10 among digits 0..9, would silently add a class).
+    """
+    low = int(min(y_tr.min(initial=0), y_te.min(initial=0)))
+    if low < 0:
+        raise ValueError(f"{path}: labels must lie in 0..C-1, found {low}")
+    if declared is not None:
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or declared < 2:
+            raise ValueError(f"{path}: num_classes must be one integer >= 2, got {declared!r}")
+        classes = int(declared)
+        for name, y in (("y_train", y_tr), ("y_test", y_te)):
+            beyond = sorted({int(v) for v in y[y >= classes]})
+            if beyond:
+                raise ValueError(
+                    f"{path}: {name} holds labels {beyond[:5]} outside 0..{classes - 1} "
+                    f"(num_classes={classes})"
+                )
+    else:
+        classes = int(y_tr.max()) + 1
+        beyond = sorted({int(v) for v in y_te[y_te >= classes]})
+        if beyond:
+            raise ValueError(
+                f"{path}: y_test holds labels {beyond[:5]} that y_train never uses (its labels "
+                f"are 0..{classes - 1}); fix them, or store num_classes in the npz"
+            )
+    counts = np.bincount(y_tr, minlength=classes)  # (C,)
+    absent = [c for c in range(classes) if counts[c] == 0]
+    if absent:
+        raise ValueError(
+            f"{path}: classes {absent[:5]} of 0..{classes - 1} never occur in y_train; labels "
+            "must be 0..C-1 with every class present"
+        )
+    rare = [c for c in range(classes) if counts[c] * 10 < np.median(counts)]
+    if rare:
+        log.warning(
+            "%s: classes %s have %s training examples against a median of %d per class: stray "
+            "labels? (store num_classes in the npz to refuse labels beyond it)",
+            path,
+            rare[:5],
+            [int(counts[c]) for c in rare[:5]],
+            int(np.median(counts)),
+        )
+    return classes
 
 
 # name -> (torchvision class, mean per channel, std per channel, augment)

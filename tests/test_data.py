@@ -59,6 +59,38 @@ def test_malformed_npz_gives_one_clear_error(tmp_path, overrides, message):
         load_data(_write_npz(tmp_path / "bad.npz", **overrides))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"y_test": np.array([0, 1, 2, 0, 1, 12])}, r"y_test holds labels \[12\] that y_train"),
+        ({"y_train": np.arange(20) % 4 * 2}, r"classes \[1, 3, 5\] of 0..6 never occur"),
+        (
+            {"y_train": np.arange(20) % 3, "num_classes": np.array(2)},
+            r"y_train holds labels \[2\] outside 0..1",
+        ),
+        ({"num_classes": np.array([3, 4])}, "num_classes must be one integer"),
+    ],
+)
+def test_npz_labels_outside_the_classes_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_data(_write_npz(tmp_path / "bad.npz", **overrides))
+
+
+def test_npz_stray_labels_and_raw_bytes_are_named(tmp_path, caplog):
+    y_train = np.concatenate([np.arange(60) % 3, [3]])  # one 3 among 0..2: a stray label
+    x_train = np.random.default_rng(0).integers(0, 256, size=(61, 3, 4)).astype(np.uint8)
+    with caplog.at_level("WARNING", logger="modeconn"):
+        data = load_data(_write_npz(tmp_path / "d.npz", x_train=x_train, y_train=y_train))
+    assert data.num_classes == 4
+    assert "classes [3] have [1] training examples" in caplog.text
+    assert "uint8 values up to" in caplog.text
+    declared = _write_npz(
+        tmp_path / "e.npz", y_train=y_train, x_train=x_train, num_classes=np.array(3)
+    )
+    with pytest.raises(ValueError, match=r"labels \[3\] outside 0..2"):
+        load_data(declared)
+
+
 def test_npz_that_is_not_an_npz(tmp_path):
     bad = tmp_path / "junk.npz"
     bad.write_bytes(b"not a zip file")
