@@ -83,19 +83,6 @@ def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=err.status)
 
 
-def _served(catalog: Catalog, name: str) -> str:
-    """``name`` if it is a served path; else the catalog's 404, quoting ``name`` short (the
-    catalog quotes it whole)."""
-    if name not in catalog.paths:
-        names = sorted(catalog.paths)
-        raise RequestError(
-            404,
-            f"unknown path {clip(name)}; served paths: {names if names else 'none'}",
-            {"path": names},
-        )
-    return name
-
-
 # ---------------------------------------------------------------------------------------------
 # Readable logs: BentoML logs every 4xx it raises itself (pydantic validation, malformed JSON)
 # at ERROR with a traceback. Client errors become one INFO line; server errors keep theirs.
@@ -175,8 +162,8 @@ async def _get_paths(request: Request) -> JSONResponse:
 
 
 def _list_paths(catalog: Catalog, name: str | None) -> PathsResponse:
-    names = [_served(catalog, name)] if name else sorted(catalog.paths)
-    return PathsResponse(paths=[catalog.get(n).info() for n in names], max_batch=max_batch())
+    served = [catalog.get(name)] if name else [catalog.paths[n] for n in sorted(catalog.paths)]
+    return PathsResponse(paths=[p.info() for p in served], max_batch=max_batch())
 
 
 async def _get_export(request: Request) -> FileResponse | JSONResponse:
@@ -205,7 +192,7 @@ async def _get_export(request: Request) -> FileResponse | JSONResponse:
 def _download(
     catalog: Catalog, path: str, mode: str, k: int | None, t: float | None
 ) -> FileResponse:
-    graph, filename = catalog.export(_served(catalog, path), mode, k, t)
+    graph, filename = catalog.export(path, mode, k, t)
     return FileResponse(graph.file, media_type="application/octet-stream", filename=filename)
 
 
@@ -278,7 +265,6 @@ class BatchItem(PredictRequest):
         except BentoMLException:  # no running service (plain pydantic use): nothing to check
             return self
         try:
-            _served(catalog, self.path)
             _, graph, _ = catalog.resolve(self)
             graph.model  # noqa: B018 - opens (and checks) a lazily loaded graph now, not mid-batch
         except RequestError as err:
@@ -372,7 +358,6 @@ class ModeConnService:
     def predict(self, request: PredictRequest, /) -> Response:
         """Predict a batch with a path's K-member ensemble or its merged model at t."""
         try:
-            _served(self.catalog, request.path)
             return _answer(self.catalog.predict(request))
         except RequestError as err:
             return _error(err)
@@ -409,7 +394,6 @@ class ModeConnService:
         try:
             # `image` is always the temporary file of an uploaded part (service.bodies).
             data = Path(image).read_bytes()
-            path = _served(self.catalog, path)
             return _answer(self.catalog.predict_image(data, path, mode, k, t, invert))
         except RequestError as err:
             return _error(err)

@@ -235,24 +235,25 @@ class _Optimiser:
 
     def __init__(self, cycle: CycleConfig, inner: Tensor):
         self.inner = inner  # (N, D) view into the chain: the optimiser writes there directly
-        self.opt: torch.optim.Optimizer | None = None
-        if cycle.optimizer == "adam":
-            kwargs = {"lr": cycle.lr, "betas": (cycle.momentum, 0.999)}
-            if inner.numel() >= _FUSED_MIN:  # one kernel per step; tiny tensors: plain ops
-                # no fused kernel for some devices and dtypes: fall back below
-                with contextlib.suppress(RuntimeError, TypeError):
-                    self.opt = torch.optim.Adam([inner], fused=True, **kwargs)
-            if self.opt is None:
-                self.opt = torch.optim.Adam([inner], foreach=False, **kwargs)
-        else:
-            self.opt = torch.optim.SGD([inner], lr=cycle.lr, momentum=cycle.momentum)
+        self.opt = _make_optimizer(cycle, inner)
 
     @torch.no_grad()
     def step(self, grad: Tensor) -> None:
-        assert self.opt is not None
         self.inner.grad = grad
         self.opt.step()
         self.inner.grad = None
+
+
+def _make_optimizer(cycle: CycleConfig, inner: Tensor) -> torch.optim.Optimizer:
+    """A cycle's optimiser: Adam (fused where the tensor is large enough) or SGD."""
+    if cycle.optimizer == "sgd":
+        return torch.optim.SGD([inner], lr=cycle.lr, momentum=cycle.momentum)
+    kwargs = {"lr": cycle.lr, "betas": (cycle.momentum, 0.999)}
+    if inner.numel() >= _FUSED_MIN:  # one kernel per step; tiny tensors: plain ops
+        # no fused kernel for some devices and dtypes: fall back below
+        with contextlib.suppress(RuntimeError, TypeError):
+            return torch.optim.Adam([inner], fused=True, **kwargs)
+    return torch.optim.Adam([inner], foreach=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +551,7 @@ def _save(
     tensors = {"chain": state.chain, "weights": state.weights, **stream_tensors}
     if state.dense is not None:
         tensors["dense"] = state.dense
-    if optimiser is not None and optimiser.opt is not None:
+    if optimiser is not None:
         tensors.update(optimizer_tensors(optimiser.opt))
     progress.update(
         cycle=state.cycle, step=state.step, inserted=state.inserted, mid_cycle=optimiser is not None
@@ -579,6 +580,5 @@ def _restore(
     optimiser = None
     if progress["mid_cycle"]:
         optimiser = _Optimiser(schedule[state.cycle], state.chain[1:-1])
-        assert optimiser.opt is not None
         load_optimizer_tensors(optimiser.opt, {k: v.to(a.device) for k, v in tensors.items()})
     return state, optimiser
