@@ -32,8 +32,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeconn.matching import AlignmentResult, matching_keys, weight_matching  # noqa: E402
-from models import create_model, infer_spec  # noqa: E402
-from models.spec import PermutationSpec  # noqa: E402
+from modeconn.models import create_model, infer_spec  # noqa: E402
+from modeconn.models.spec import PermutationSpec  # noqa: E402
 
 # name -> (registered model, input shape, kwargs, epochs of training on digits; 0: random init)
 CASES = {

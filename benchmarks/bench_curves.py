@@ -29,7 +29,7 @@ from modeconn.data import Dataset  # noqa: E402
 from modeconn.fit.configs import CurveConfig  # noqa: E402
 from modeconn.fit.curves import CurveTrainer  # noqa: E402
 from modeconn.fit.objective import model_objective, model_parameters  # noqa: E402
-from models import create_model  # noqa: E402
+from modeconn.models import create_model  # noqa: E402
 
 # name -> (registered model, input shape, kwargs, batch size)
 CASES = {

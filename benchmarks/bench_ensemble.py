@@ -47,8 +47,8 @@ from modeconn.export import (  # noqa: E402
     MergedModule,
     export_onnx,
 )
+from modeconn.models import create_model  # noqa: E402
 from modeconn.runtime import OnnxModel  # noqa: E402
-from models import create_model  # noqa: E402
 
 # name -> (registered model, input shape, kwargs)
 CASES = {

@@ -27,7 +27,7 @@ from modeconn.data import load_data  # noqa: E402
 from modeconn.fit.geodesic import chain_energy, chain_log_probs, initial_nodes  # noqa: E402
 from modeconn.fit.objective import model_objective  # noqa: E402
 from modeconn.fit.state import resolve_engine  # noqa: E402
-from models import create_model  # noqa: E402
+from modeconn.models import create_model  # noqa: E402
 
 NODES = 25
 BATCH = 256

@@ -33,7 +33,7 @@ from modeconn.fit.configs import CycleConfig  # noqa: E402
 from modeconn.fit.neb import Evaluator, _neb_step, _Optimiser  # noqa: E402
 from modeconn.fit.objective import model_objective, model_parameters  # noqa: E402
 from modeconn.fit.state import FlatLayout, resolve_engine  # noqa: E402
-from models import create_model  # noqa: E402
+from modeconn.models import create_model  # noqa: E402
 
 # name -> (registered model, kwargs, data shape: "digits" or a CIFAR-shaped random batch)
 CASES = {

@@ -62,9 +62,9 @@ def _artifact(root: Path, name: str, model_name: str, shape, kwargs: dict, k: in
 
     from modeconn.checkpoint import load_checkpoint, save_checkpoint
     from modeconn.data import Dataset
+    from modeconn.models import create_model
     from modeconn.pipeline import fit_artifact
     from modeconn.serving import build_serving
-    from models import create_model
 
     gen = torch.Generator().manual_seed(0)
     data = Dataset(
@@ -89,7 +89,7 @@ def _artifact(root: Path, name: str, model_name: str, shape, kwargs: dict, k: in
 
 
 def _member_bytes(model_name: str, shape, kwargs: dict) -> int:
-    from models import create_model
+    from modeconn.models import create_model
 
     model = create_model(model_name, shape, 10, **kwargs)
     return sum(v.numel() * v.element_size() for v in model.state_dict().values())

@@ -39,9 +39,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks import spec_coverage  # noqa: E402
 from modeconn.matching import weight_matching  # noqa: E402
-from models import create_model  # noqa: E402
-from models.infer import infer_spec  # noqa: E402
-from models.spec import PermutationSpec, axis_segments, rename_groups  # noqa: E402
+from modeconn.models import create_model  # noqa: E402
+from modeconn.models.infer import infer_spec  # noqa: E402
+from modeconn.models.spec import PermutationSpec, axis_segments, rename_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

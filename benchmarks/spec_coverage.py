@@ -127,8 +127,8 @@ def measure(name: str, float32_above: float | None = None) -> dict:
     import torch
     import torchvision
 
-    from models.infer import SpecInferenceError, infer_spec
-    from models.verify import SpecCheckError, check_permutation_invariance, perturb_state
+    from modeconn.models.infer import SpecInferenceError, infer_spec
+    from modeconn.models.verify import SpecCheckError, check_permutation_invariance, perturb_state
 
     warnings.filterwarnings("ignore")
     logging.getLogger("models").setLevel(logging.ERROR)  # the row reports unused keys itself
@@ -202,7 +202,9 @@ def _child(name: str, float32_above: float | None, conn) -> None:
 def _context():
     ctx = multiprocessing.get_context("forkserver")
     # Imported once by the server; every child is forked from it, so starts in well under 1 s.
-    ctx.set_forkserver_preload(["torch", "torchvision", "models.infer", "models.verify"])
+    ctx.set_forkserver_preload(
+        ["torch", "torchvision", "modeconn.models.infer", "modeconn.models.verify"]
+    )
     return ctx
 
 

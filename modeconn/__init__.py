@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from modeconn.formats import Manifest
     from modeconn.matching import AlignmentResult, align, weight_matching
     from modeconn.merge import merge_at, merged_model
+    from modeconn.models.infer import InferredSpec, infer_spec
     from modeconn.paths import Bezier, Path, PointSet, PolyChain, linear
     from modeconn.pipeline import fit_artifact
     from modeconn.runtime import OnnxModel
     from modeconn.train import TrainConfig, train_model
-    from models.infer import InferredSpec, infer_spec
 
 #: Where each public name lives (must agree with the TYPE_CHECKING imports; tested).
 _EXPORTS = {
@@ -68,8 +68,8 @@ _EXPORTS = {
     "OnnxModel": "modeconn.runtime",
     "TrainConfig": "modeconn.train",
     "train_model": "modeconn.train",
-    "InferredSpec": "models.infer",
-    "infer_spec": "models.infer",
+    "InferredSpec": "modeconn.models.infer",
+    "infer_spec": "modeconn.models.infer",
 }
 
 __all__ = [

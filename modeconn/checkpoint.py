@@ -54,7 +54,7 @@ class ModelSpec:
     kwargs: dict = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        from models import create_model
+        from modeconn.models import create_model
 
         return create_model(self.name, self.input_shape, self.num_classes, **self.kwargs)
 

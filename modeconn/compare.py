@@ -26,8 +26,8 @@ from modeconn.evaluate import evaluate_energy_path
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import METHODS, make_config
+from modeconn.models.spec import PermutationSpec
 from modeconn.types import Energy
-from models.spec import PermutationSpec
 
 __all__ = ["ComparisonRow", "compare", "compare_energy", "DEFAULT_METHODS"]
 

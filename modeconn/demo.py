@@ -42,8 +42,8 @@ def _endpoints(out: Path, data, *, progress: bool) -> tuple[Path, Path]:
     import torch
 
     from modeconn.checkpoint import save_checkpoint
+    from modeconn.models import create_model
     from modeconn.train import TrainConfig, train_model
-    from models import create_model
 
     files = []
     for seed in (0, 1):

@@ -28,8 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from modeconn.types import StateDict
-from models.spec import (
+from modeconn.models.spec import (
     AxisEntry,
     PermutationSpec,
     apply_permutation,
@@ -38,6 +37,7 @@ from models.spec import (
     check_spec,
     group_sizes,
 )
+from modeconn.types import StateDict
 
 __all__ = ["AlignmentResult", "align", "weight_matching", "align_models", "matching_keys"]
 
@@ -523,8 +523,8 @@ def align_models(
     a ``RuntimeError`` quoting the difference is raised otherwise. Only parameters are matched;
     every key, BatchNorm running statistics included, is permuted. The module is left as it was.
     """
-    from models.infer import infer_spec
-    from models.verify import check_permutation_invariance
+    from modeconn.models.infer import infer_spec
+    from modeconn.models.verify import check_permutation_invariance
 
     device = next(iter(state_b.values())).device
     x = probe_inputs.to(device)

@@ -30,9 +30,9 @@ from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import get_method, make_config
 from modeconn.formats import DataInfo, Manifest, ModelInfo
+from modeconn.models.spec import PermutationSpec
 from modeconn.paths import as_state
 from modeconn.types import StateDict
-from models.spec import PermutationSpec
 
 __all__ = [
     "align_endpoints",

@@ -7,7 +7,9 @@ from typing import TypeAlias
 
 from torch import Tensor
 
-from models.spec import StateDict  # parameters or buffers keyed like ``model.state_dict()``
+from modeconn.models.spec import (
+    StateDict,  # parameters or buffers keyed like ``model.state_dict()``
+)
 
 __all__ = ["StateDict", "StackedStateDict", "Energy", "Batch", "BatchIterator", "VECTOR_KEY"]
 

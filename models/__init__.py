@@ -5,11 +5,11 @@ permutation spec of a network (ours or anyone's) is inferred from its traced gra
 (:mod:`models.infer`) and proven on the network (:mod:`models.verify`).
 """
 
-from models import cnn, mlp, resnet  # noqa: F401  (imported for their registrations)
-from models.infer import InferredSpec, infer_spec
-from models.registry import create_model, list_models, register_model
-from models.spec import PermutationSpec, apply_permutation, random_permutation
-from models.verify import check_permutation_invariance
+from modeconn.models import cnn, mlp, resnet  # noqa: F401  (imported for their registrations)
+from modeconn.models.infer import InferredSpec, infer_spec
+from modeconn.models.registry import create_model, list_models, register_model
+from modeconn.models.spec import PermutationSpec, apply_permutation, random_permutation
+from modeconn.models.verify import check_permutation_invariance
 
 __all__ = [
     "create_model",

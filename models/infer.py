@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from models.spec import AxisEntry, PermutationSpec, Segment, group_sizes
+from modeconn.models.spec import AxisEntry, PermutationSpec, Segment, group_sizes
 
 __all__ = ["InferredSpec", "SpecInferenceError", "infer_spec"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.registry import register_model
+from modeconn.models.registry import register_model
 
 __all__ = ["MLP", "mlp"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.external import EXTERNAL_FORMS, build_external, is_external
+from modeconn.models.external import EXTERNAL_FORMS, build_external, is_external
 
 __all__ = ["register_model", "create_model", "list_models", "model_entry"]
 

@@ -13,7 +13,7 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.registry import register_model
+from modeconn.models.registry import register_model
 
 __all__ = ["ResNet", "BasicBlock", "resnet20"]
 

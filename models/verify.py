@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from models.spec import PermutationSpec, apply_permutation, check_spec, random_permutation
+from modeconn.models.spec import PermutationSpec, apply_permutation, check_spec, random_permutation
 
 __all__ = ["SpecCheckError", "check_permutation_invariance", "perturb_state"]
 

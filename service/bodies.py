@@ -33,8 +33,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 
-from service.decoder import JSONError, parse_json, release
-from service.errors import clip
+from .decoder import JSONError, parse_json, release
+from .errors import clip
 
 __all__ = ["INLINE_BYTES", "off_loop", "parses_off_loop"]
 

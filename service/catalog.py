@@ -41,9 +41,10 @@ from modeconn.formats import (
 )
 from modeconn.runtime import Device, OnnxModel
 from modeconn.serving import find_served, store_path
-from service.errors import clip
-from service.preprocess import image_to_input, normalize_raw
-from service.schemas import PathInfo, PredictRequest, PredictResponse
+
+from .errors import clip
+from .preprocess import image_to_input, normalize_raw
+from .schemas import PathInfo, PredictRequest, PredictResponse
 
 __all__ = ["REFUSED", "RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
 

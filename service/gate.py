@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorResponse, clip, error_body
+from .errors import ErrorResponse, clip, error_body
 
 __all__ = [
     "JSON_ROUTES",

@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.errors import ErrorResponse
-from service.gate import PUBLIC_ROUTES
+from .errors import ErrorResponse
+from .gate import PUBLIC_ROUTES
 
 __all__ = ["DOCS_PAGE", "openapi_document"]
 

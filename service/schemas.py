@@ -28,7 +28,8 @@ from pydantic import (
 from pydantic import model_validator as _model_validator
 
 from modeconn.formats import ServedGraph
-from service.errors import ErrorResponse, clip
+
+from .errors import ErrorResponse, clip
 
 __all__ = [
     "Mode",

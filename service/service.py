@@ -50,13 +50,13 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from service.bodies import off_loop, release
-from service.catalog import Catalog, RequestError
-from service.errors import ErrorResponse, clip, describe_loc
-from service.gate import JSON_ROUTES, UPLOAD_ROUTES, RequestGate, api_key, env_int
-from service.lifecycle import server_worker
-from service.openapi import DOCS_PAGE, openapi_document
-from service.schemas import (
+from .bodies import off_loop, release
+from .catalog import Catalog, RequestError
+from .errors import ErrorResponse, clip, describe_loc
+from .gate import JSON_ROUTES, UPLOAD_ROUTES, RequestGate, api_key, env_int
+from .lifecycle import server_worker
+from .openapi import DOCS_PAGE, openapi_document
+from .schemas import (
     MAX_K,
     ExportRequest,
     PathsRequest,

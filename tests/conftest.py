@@ -20,8 +20,8 @@ def digits():
 
 def _train_pair(tmp_path_factory, digits, name: str, kwargs: dict, epochs: int) -> tuple[str, str]:
     from modeconn.checkpoint import save_checkpoint
+    from modeconn.models import create_model
     from modeconn.train import TrainConfig, train_model
-    from models import create_model
 
     folder = tmp_path_factory.mktemp(f"{name}_pair")
     files = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.cnn import CNN
-from models.mlp import MLP
-from models.resnet import ResNet
-from models.spec import PermutationSpec
+from modeconn.models.cnn import CNN
+from modeconn.models.mlp import MLP
+from modeconn.models.resnet import ResNet
+from modeconn.models.spec import PermutationSpec
 
 __all__ = ["reference_spec", "canonical"]
 

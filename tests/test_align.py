@@ -13,8 +13,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from modeconn.matching import AlignmentResult, align_models, matching_keys, weight_matching
-from models import apply_permutation, create_model, random_permutation
-from models.infer import infer_spec
+from modeconn.models import apply_permutation, create_model, random_permutation
+from modeconn.models.infer import infer_spec
 
 SHAPE = (1, 8, 8)  # digits
 ARCHS = {

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from modeconn.cli import main
-from models import create_model
-from models.infer import infer_spec
-from models.spec import apply_permutation, random_permutation
-from models.verify import perturb_state
+from modeconn.models import create_model
+from modeconn.models.infer import infer_spec
+from modeconn.models.spec import apply_permutation, random_permutation
+from modeconn.models.verify import perturb_state
 
 SHAPE = (3, 32, 32)
 CLASSES = 4

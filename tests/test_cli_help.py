@@ -118,9 +118,9 @@ def test_help_literals_match_their_sources():
     from modeconn.commands import _common
     from modeconn.commands.train import TRAIN_DEFAULTS
     from modeconn.data import DATA_KINDS
+    from modeconn.models import list_models
+    from modeconn.models.external import EXTERNAL_FORMS
     from modeconn.train import TrainConfig
-    from models import list_models
-    from models.external import EXTERNAL_FORMS
 
     assert tuple(DATA_KINDS) == _common.DATA_KINDS
     assert tuple(list_models()) == _common.MODEL_NAMES

@@ -18,9 +18,9 @@ from modeconn.cli import main
 from modeconn.ensemble import UNCERTAINTY, Ensemble
 from modeconn.export import ENSEMBLE_OUTPUTS, MERGED_OUTPUTS, export_ensemble, export_merged
 from modeconn.merge import merged_model
+from modeconn.models import create_model
 from modeconn.pipeline import fit_artifact
 from modeconn.runtime import METADATA_KEY, OnnxModel, read_metadata
-from models import create_model
 
 
 def _artifact(pair, digits, folder, name, served_ts=None):

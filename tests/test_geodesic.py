@@ -28,7 +28,7 @@ from modeconn.fit.methods import make_config
 from modeconn.fit.objective import model_objective
 from modeconn.fit.state import FitContext
 from modeconn.metrics import jsd_from_logits
-from models import create_model
+from modeconn.models import create_model
 
 # ---------------------------------------------------------------------------------------------
 # A hand computation: a linear softmax model, 3 nodes, numpy in float64

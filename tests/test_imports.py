@@ -1,8 +1,8 @@
 """Dependencies run one way: the import graph of the project's packages has no cycles.
 
 Every import counts, including those inside functions (they are cycles that merely happen
-later). ``models`` is the bottom layer and never imports ``modeconn``; fitters never import
-the method table or ``connect``; ``service`` is imported by nothing in the library.
+later). ``modeconn.models`` is the bottom layer and never imports ``modeconn``; fitters never import
+the method table or ``connect``; ``modeconn.service`` is imported by nothing in the library.
 """
 
 from __future__ import annotations
@@ -11,18 +11,28 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("modeconn", "models", "service")
+# package name -> its folder; models/ and service/ are linked into modeconn/ under these names
+PACKAGES = {"modeconn": "modeconn", "modeconn.models": "models", "modeconn.service": "service"}
+MODELS, SERVICE = "modeconn.models", "modeconn.service"
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(package: str, folder: Path, path: Path) -> str:
+    parts = [package, *path.relative_to(folder).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {
+        _module_name(package, ROOT / folder, path): path
+        for package, folder in PACKAGES.items()
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    }
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
@@ -85,8 +95,9 @@ def test_the_import_graph_has_no_cycles():
 
 def test_models_is_the_bottom_layer():
     graph = import_graph()
-    up = {m: sorted(d for d in deps if not d.startswith("models")) for m, deps in graph.items()}
-    assert {m: d for m, d in up.items() if m.startswith("models") and d} == {}
+    assert len([m for m in graph if _within(m, MODELS)]) > 5
+    up = {m: sorted(d for d in deps if not _within(d, MODELS)) for m, deps in graph.items()}
+    assert {m: d for m, d in up.items() if _within(m, MODELS) and d} == {}
 
 
 def test_fitters_do_not_import_the_table():
@@ -101,8 +112,8 @@ def test_fitters_do_not_import_the_table():
 def test_the_library_does_not_import_the_service():
     graph = import_graph()
     for module, deps in graph.items():
-        if not module.startswith("service"):
-            assert not any(d.startswith("service") for d in deps), module
+        if not _within(module, SERVICE):
+            assert not any(_within(d, SERVICE) for d in deps), module
 
 
 def test_the_detector_finds_a_cycle():
@@ -126,3 +137,22 @@ def test_the_public_names_agree_with_what_type_checkers_see():
     assert set(modeconn.__all__) == set(checked) | {"__version__"}
     for name in modeconn.__all__:
         assert getattr(modeconn, name) is not None, name
+
+
+def test_a_users_models_and_service_folders_do_not_shadow_the_packages(tmp_path):
+    """``python -m modeconn`` puts the working directory first on the import path."""
+    import subprocess
+    import sys
+
+    for name in ("models", "service"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the user folder')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "modeconn", "spec", "--model", "mlp", "--arg", "width=8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "proven" in (done.stdout + done.stderr).lower()

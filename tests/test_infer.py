@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.infer import SpecInferenceError, infer_spec
-from models.spec import apply_permutation, random_permutation, spec_from_json, spec_to_json
-from models.verify import SpecCheckError, check_permutation_invariance, perturb_state
+from modeconn.models.infer import SpecInferenceError, infer_spec
+from modeconn.models.spec import apply_permutation, random_permutation, spec_from_json, spec_to_json
+from modeconn.models.verify import SpecCheckError, check_permutation_invariance, perturb_state
 
 IMAGE = (3, 8, 8)
 

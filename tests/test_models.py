@@ -9,10 +9,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import models
-from models import apply_permutation, create_model, list_models, random_permutation, register_model
-from models.infer import infer_spec
-from models.spec import check_spec, group_sizes
+import modeconn.models as models
+from modeconn.models import (
+    apply_permutation,
+    create_model,
+    list_models,
+    random_permutation,
+    register_model,
+)
+from modeconn.models.infer import infer_spec
+from modeconn.models.spec import check_spec, group_sizes
 from tests.reference_specs import canonical, reference_spec
 
 SHAPES = [(1, 8, 8), (3, 32, 32)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.infer import infer_spec
-from models.verify import check_permutation_invariance, perturb_state
+from modeconn.models.infer import infer_spec
+from modeconn.models.verify import check_permutation_invariance, perturb_state
 
 timm = pytest.importorskip("timm")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from models.infer import infer_spec
-from models.verify import check_permutation_invariance, perturb_state
+from modeconn.models.infer import infer_spec
+from modeconn.models.verify import check_permutation_invariance, perturb_state
 
 # builder -> (input side, what may stay in place: a fragment of every frozen line, or None)
 FAMILIES = {

@@ -9,7 +9,7 @@ from torch import nn
 
 from modeconn.checkpoint import ModelSpec, model_spec_of
 from modeconn.formats import ModelInfo
-from models import create_model
+from modeconn.models import create_model
 
 USER_MODULE = '''
 from torch import nn
@@ -157,7 +157,7 @@ def test_unknown_names_get_close_matches_and_how_to_list_them(name, expected):
 
 
 def test_registered_names_cannot_take_a_colon():
-    from models import register_model
+    from modeconn.models import register_model
 
     with pytest.raises(ValueError, match="a colon marks a name outside the registry"):
         register_model("torchvision:mine")(lambda input_shape, num_classes: nn.Identity())

@@ -115,7 +115,7 @@ def load_spec(path: str | None):
     """The permutation spec in ``path`` (JSON), or None when no file is given."""
     if path is None:
         return None
-    from models.spec import spec_from_json
+    from modeconn.models.spec import spec_from_json
 
     file = Path(path)
     if not file.is_file():

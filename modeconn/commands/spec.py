@@ -46,9 +46,9 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from modeconn.data import load_data
-    from models.infer import infer_spec
-    from models.spec import spec_to_json
-    from models.verify import check_permutation_invariance, perturb_state
+    from modeconn.models.infer import infer_spec
+    from modeconn.models.spec import spec_to_json
+    from modeconn.models.verify import check_permutation_invariance, perturb_state
 
     if args.checkpoint:
         ckpt, data = load_endpoint(args.checkpoint, args)
