@@ -242,7 +242,8 @@ class _Decoder:
 
     def scalars(self, pos: int) -> tuple[list, int] | None:
         """A run of scalars (numbers, true, false, null) from ``pos`` to the array's end or a
-        comma, within one window; None if the window holds less than two of them."""
+        comma, within one window; None if the run would hold no value (the window has no comma
+        after its first scalar, or ``pos`` is at the ``]``): value() reads one, or refuses."""
         text = self.text
         end = min(pos + STEP, len(text))
         special = _SPECIAL.search(text, pos, end)
@@ -250,8 +251,10 @@ class _Decoder:
             stop = special.start()  # the array ends in the window
         else:
             stop = text.rfind(",", pos, special.start() if special is not None else end)
-            if stop <= pos:
-                return None
+        if stop <= pos:
+            # Nothing before the ']' (``pos`` is past whitespace): "[1,2,]" cut after a comma.
+            # An empty run would let the array end where the comma asked for a value.
+            return None
         try:
             values, _ = self.scan("[" + text[pos:stop] + "]", 0)
         except (json.JSONDecodeError, StopIteration, ValueError, RecursionError) as err:

@@ -235,6 +235,68 @@ def test_json_decoding_agrees_with_json_loads_on_random_documents():
     agree()
 
 
+# Documents whose commas, colons, brackets and whitespace fall on a window boundary at some STEP:
+# trailing and doubled commas (arrays of scalars, strings and containers, objects), a key split
+# from its colon, nested containers, delimiters inside strings, truncated documents.
+TRICKY_JSON = [
+    *("[-10,]", "[1,2,]", '["x",]', "[1,2 , ]", "[ 1 , 2 ,\n]", "[,]", "[,1]", "[1,,2]", "[1 2]"),
+    *("[[1],[2],]", '[{"a":1},{"b":2},]', '[["a"],["b"],]', "[[],[],]", "[{},{},]", "[[[[]]],]"),
+    *("[[1,2],[3,4],[5,6],[7,8],[9,10],]", "[[1,2],[3,4],[5,6],[7,8],[9,10]]", "[[[1,2],],[3]]"),
+    *("[[1,2] ,[3,4], [5,6] , [7,8]]", "[[1],[2],1]", '[[1],[2],"x"]', "[[1][2]]", "[[1],,[2]]"),
+    *('[{"a":[1]},{"a":[2]},{"a":[3]},]', '[{"a":[1]},{"a":[2]},{"a":[3]}]', '[{"a":1}{"b":2}]'),
+    *('{"a":1,}', '{"a":1,"b":2,}', '{"a":1,"b":2}', '{"a" 1}', '{"a":}', '{"a"::1}', "{,}"),
+    *('{"a":1 "b":2}', '{"a":1,"b"}', '{"a":1,,"b":2}', "{1:2}", '{"a":[1,2,],"b":3}'),
+    *('{"a":{"b":[1,]}}', '{"abc":1,"de":[1,2,3,4,5,6,7,8,9,10,11,12],"f":{"g":"h",}}'),
+    *("[1,[2,[3,]]]", "[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16]", "[1,2,3,4,5,6,7,8,9,0,-]"),
+    *("[true,false,null,NaN,Infinity,-Infinity]", "[true,false,null,]", "[tru,false]", "[1.,2]"),
+    *("[01]", "[-]", "[1e5,1E-5,-0.0,]", "[1e400]", "  [ 1 ,  2 ,  3 ]  ", "  [ 1 ,  2 ,  3 , ]  "),
+    *('["a","b","c","d","e"]', '["a","b","c","d","e",]', '["a" "b"]', '["a",,"b"]'),
+    *('["\\"",]', '["\\\\",]', '["a\\"b","c",]', '[",",","]', '[",]",1]', '["]",]'),
+    *('{"a,":1,"]":2}', '{"}":1,}', '["\\ud83d\\ude00",]', '{"a":"\\u00e9\\n",}'),
+    *("[[1],[2]", "[[1],[2]]]", '{"a":1}}', "[1]   x", "[1,2,3][", "1 2", "1,", " ", "-"),
+    *("[", "]", "{", "}", '"abc', "[1", "[1,", '{"a"', '{"a":', '{"a":1', '{"a":1,', "[]", "{ }"),
+]
+
+
+def _spread(text: str) -> list[str]:
+    """``text``, and with whitespace around each kind of delimiter (moves the boundaries)."""
+    return [
+        text,
+        text.replace(",", " , "),
+        text.replace(":", "\t:\n"),
+        text.replace("[", "[ ").replace("{", "{\n"),
+        text.replace("]", " ]").replace("}", "\r\n}"),
+    ]
+
+
+def test_json_decoding_agrees_with_json_loads_at_every_small_step():
+    """Every window size from 1 to 40 over TRICKY_JSON: the same value as json.loads, or the
+    same error at the same place. (A comma that ended a window once let "[1,2,]" through.)"""
+    from service import decoder
+
+    def loads(text: str) -> str:
+        try:
+            return json.dumps(json.loads(text))
+        except json.JSONDecodeError as err:
+            return f"{err.msg} at line {err.lineno} column {err.colno} (char {err.pos})"
+
+    def parse(text: str) -> str:
+        try:
+            return json.dumps(decoder.parse_json(text.encode()))
+        except decoder.JSONError as err:
+            return str(err)
+
+    texts = sorted({variant for text in TRICKY_JSON for variant in _spread(text)})
+    expected = [loads(text) for text in texts]
+    assert sum(e.startswith("Expecting value") for e in expected) > 100  # mostly invalid ones
+    with pytest.MonkeyPatch.context() as mp:
+        for step in range(1, 41):
+            mp.setattr(decoder, "STEP", step)
+            got = [parse(text) for text in texts]
+            wrong = [(t, g, e) for t, g, e in zip(texts, got, expected, strict=True) if g != e]
+            assert not wrong, (step, wrong[:5])
+
+
 def test_release_empties_a_parsed_value_step_by_step():
     from service import decoder
 
