@@ -18,7 +18,7 @@ from pathlib import Path as FsPath
 import torch
 from torch import nn
 
-from modeconn.bn import has_batchnorm, recompute_bn
+from modeconn.bn import bn_subset, has_batchnorm, recompute_bn
 from modeconn.formats import (
     BUFFERS_FILE,
     FORMAT_VERSION,
@@ -26,6 +26,7 @@ from modeconn.formats import (
     NODES_FILE,
     Manifest,
     read_manifest,
+    resolve_data_spec,
 )
 from modeconn.io import atomic_dir, load_tensors, save_tensors
 from modeconn.paths import PATH_KINDS, Path, PolyChain, as_state
@@ -68,15 +69,32 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class PathArtifact:
-    """A loaded (or about to be saved) artifact: manifest, path and BN buffers per served t."""
+    """A loaded (or about to be saved) artifact: manifest, path and BN buffers per served t.
+
+    ``directory`` is where it was read from or saved to (None for one only in memory).
+    """
 
     manifest: Manifest
     path: Path
     buffers: dict[float, StateDict] = field(default_factory=dict)
+    directory: FsPath | None = None
 
     @property
     def name(self) -> str:
         return self.manifest.fit.get("name", "")
+
+    def data_spec(self, default: str = "digits") -> str:
+        """The data set it was fitted on, as a spec :func:`modeconn.data.load_data` reads from
+        any working directory (see :func:`modeconn.formats.resolve_data_spec`)."""
+        data = self.manifest.data
+        if data is None:
+            return default
+        return resolve_data_spec(data.name, self.directory or ".")
+
+    def bn_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The training inputs this artifact recomputes BatchNorm statistics from: the subset
+        its manifest records (``bn_examples``; all of them for older artifacts)."""
+        return bn_subset(inputs, self.manifest.bn_examples)
 
     def build_model(self) -> nn.Module:
         return self.manifest.model_spec().build()
@@ -149,6 +167,7 @@ def save_artifact(directory: str | os.PathLike, artifact: PathArtifact) -> FsPat
             }
             save_tensors(tmp / BUFFERS_FILE, flat, {"format": "modeconn.buffers/1", "ts": index})
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    artifact.directory = directory
     return directory
 
 
@@ -179,7 +198,7 @@ def load_artifact(directory: str | os.PathLike) -> PathArtifact:
             if i not in index:
                 raise ValueError(f"{directory}: buffer {key!r} refers to an unknown t index {i}")
             buffers.setdefault(index[i], {})[name] = value
-    artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers)
+    artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers, directory=directory)
     _check_against_model(directory, artifact)
     return artifact
 

@@ -5,6 +5,11 @@ statistics do not describe the activations of an interpolated network, and using
 best known trap of mode connectivity (wrong accuracy even at t = 0 once anything moves). We
 recompute them with a cumulative average over training batches (``momentum=None``), like
 ``torch.optim.swa_utils.update_bn``, but functionally: the module is never modified for good.
+
+The statistics are averages, so a few thousand inputs estimate them about as well as the whole
+training set: by default they come from a fixed, seeded subset of :data:`DEFAULT_BN_EXAMPLES`
+training inputs (:func:`bn_subset`), chosen the same way wherever statistics are recomputed, so
+that every consumer of one artifact (evaluation, ensembles, merges, ONNX export) agrees.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from torch.func import functional_call
 from modeconn.types import StateDict
 
 __all__ = [
+    "DEFAULT_BN_EXAMPLES",
+    "BN_SEED",
+    "bn_subset",
+    "check_bn_examples",
     "has_batchnorm",
     "batchnorm_buffer_names",
     "batch_stats_mode",
@@ -26,6 +35,46 @@ __all__ = [
     "parameter_names",
     "split_state",
 ]
+
+
+#: Training inputs BatchNorm statistics are recomputed from by default. Measured on 4,500 28x28
+#: digits (a BatchNorm CNN, the straight path between aligned endpoints, 11 points), against the
+#: whole training set: 2048 inputs move the test loss by at most 0.003 (0.9 %) and the test
+#: accuracy by 0.34 points; 1024 by 0.005 and 0.8 points, 512 by 0.016 and 0.8, 3072 by 0.003 and
+#: 0.34. A recomputation costs in proportion to the count (2048: 82 ms against 179 ms for all).
+DEFAULT_BN_EXAMPLES = 2048
+#: Seed of the generator that draws the subset: fixed, so one data set gives one subset.
+BN_SEED = 0
+
+
+def check_bn_examples(examples: int | None) -> int | None:
+    """``examples`` as :func:`bn_subset` takes it: a positive count, or None for all inputs
+    (0 also means all)."""
+    if examples is None:
+        return None
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(
+            f"bn_examples must be a positive number of training inputs, or 0/None for all of "
+            f"them, got {examples!r}"
+        )
+    return examples or None
+
+
+def bn_subset(inputs: Tensor, examples: int | None = DEFAULT_BN_EXAMPLES) -> Tensor:
+    """The training inputs BatchNorm statistics are recomputed from: ``examples`` of ``inputs``.
+
+    Drawn without replacement by a generator seeded with :data:`BN_SEED`, so the same inputs
+    and count always give the same subset, and kept in the drawn (shuffled) order: batches of
+    a training set stored sorted by class then still mix classes, and the average of their
+    variances is not biased low. ``None`` or ``0`` (or a count of at least ``len(inputs)``)
+    gives ``inputs`` themselves, in their order: what artifacts written before subsets used.
+    """
+    examples = check_bn_examples(examples)
+    if examples is None or examples >= len(inputs):
+        return inputs
+    generator = torch.Generator().manual_seed(BN_SEED)
+    index = torch.randperm(len(inputs), generator=generator)[:examples]  # (examples,)
+    return inputs[index.to(inputs.device)]  # (examples, *input_shape)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -7,17 +7,23 @@ itself. The module list below is the whole table. The modules import only light 
 top (never torch), so that ``--help`` is quick; each imports what it needs inside ``run``.
 
 User errors (a missing file, a bad option, data that does not fit the model) print one line on
-stderr and exit with status 2; ``--verbose`` shows the traceback instead.
+stderr and exit with status 2; ``--verbose`` shows the traceback instead. Errors in the command
+line itself print the usage of the command first, and a mistyped option or command is answered
+with the closest valid one. Failures (a fit that diverged, an ONNX check that failed) exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -33,14 +39,130 @@ COMMANDS = (
     "fge",
     "plane",
     "export",
+    "predict",
     "serve_build",
 )
+
+
+#: What argparse reads as a negative number (a value), not as an option.
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+#: Suggestions closer than this (difflib's ratio) are offered: ``--nodse`` -> ``--nodes``.
+_CUTOFF = 0.6
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors name the way out: an unknown option or command gets the closest
+    valid one ("unknown option --nodse; did you mean --nodes?"), from the parser it was given to.
+
+    The top-level parser and, through ``add_subparsers(parser_class=...)``, every sub-command's
+    are of this class. Each sub-command refuses its own unknown options, with its own usage:
+    plain argparse hands them up to the top-level parser, whose usage lists none of them. So
+    ``parse_known_args`` never returns extras here. Every error exits with status 2.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen: list[str] = []  # the arguments being parsed, read again by error()
+        self._commands: argparse._SubParsersAction | None = None  # the sub-commands, if any
+        self._outer: _Parser | None = None  # for a sub-command: the top-level parser
+
+    def add_subparsers(self, **kwargs):
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)
+        if self._commands is not None and (unknown := self._unknown_options()):
+            # before the command parses the rest, and reports what it lacks instead
+            self.error(self._describe_unknown(unknown))
+        namespace, extras = super().parse_known_args(self._seen, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str) -> NoReturn:
+        # An unknown option is the likely cause of what argparse reports (the required --out
+        # that a mistyped --otu left missing), so it is named first.
+        unknown = self._unknown_options()
+        if unknown:
+            message = self._describe_unknown(unknown)
+        elif (command := self._unknown_command()) is not None:
+            message = command
+        super().error(message)
+
+    def _options(self, *, hidden: bool) -> list[str]:
+        """Option strings of the visible options, or of the hidden ones (``help=SUPPRESS``)."""
+        return [
+            option
+            for action in self._actions
+            if (action.help == argparse.SUPPRESS) == hidden
+            for option in action.option_strings
+        ]
+
+    def _knows(self, token: str) -> bool:
+        """Whether argparse would take ``token`` (``--x``, ``--x=1``, ``-vq``) as one of ours."""
+        options = self._options(hidden=False) + self._options(hidden=True)
+        if token.startswith("--"):
+            name = token.partition("=")[0]
+            # allow_abbrev: a unique prefix is the option (an ambiguous one, argparse reports)
+            return any(option.startswith(name) for option in options if option.startswith("--"))
+        return token[:2] in options  # -v, -vq (flags combined), -n5 (value attached)
+
+    def _unknown_options(self) -> list[str]:
+        """The options among the arguments seen that this parser does not know, as argparse
+        tells options from values: a leading dash, not a negative number, no space. The
+        top-level parser looks only before the command: what follows is the command's."""
+        unknown = []
+        for token in self._seen:
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-" or " " in token:
+                if self._commands is not None:
+                    break
+                continue
+            if not _NEGATIVE_NUMBER.match(token) and not self._knows(token):
+                unknown.append(token.partition("=")[0] if token.startswith("--") else token)
+        return unknown
+
+    def _describe_unknown(self, unknown: list[str]) -> str:
+        parts = [(option, self._suggest(option)) for option in unknown]
+        if len(parts) == 1:
+            option, hint = parts[0]
+            return f"unknown option {option}; {hint}" if hint else f"unknown option {option}"
+        listed = ", ".join(f"{option} ({hint})" if hint else option for option, hint in parts)
+        return f"unknown options {listed}"
+
+    def _suggest(self, option: str) -> str | None:
+        """The hint for ``option``: "did you mean --nodes?", where it goes, or None."""
+        if self._outer is not None and self._outer._knows(option):
+            command = self.prog.rsplit(" ", 1)[-1]
+            return f"it goes before the command: modeconn {option} {command} ..."
+        # Hidden options too: connect's flags of the methods not chosen (a flag of another
+        # method is then refused by name, with the flags that apply).
+        # Compared without their dashes, which would make --model look like --help.
+        names = {o.lstrip("-"): o for o in self._options(hidden=False) + self._options(hidden=True)}
+        close = difflib.get_close_matches(option.lstrip("-"), list(names), 1, _CUTOFF)
+        return f"did you mean {names[close[0]]}?" if close else None
+
+    def _unknown_command(self) -> str | None:
+        """For the top-level parser: the message for a first positional argument that names
+        no command, with the closest command, or None."""
+        if self._commands is None:
+            return None
+        given = next((t for t in self._seen if not t.startswith("-")), None)
+        names = list(self._commands.choices)
+        if given is None or given in names:
+            return None
+        close = difflib.get_close_matches(given.replace("_", "-"), names, 1, _CUTOFF)
+        if close:
+            return f"unknown command {given!r}; did you mean {close[0]}?"
+        return f"unknown command {given!r}; the commands: {', '.join(names)}"
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for the command line ``argv`` (default: ``sys.argv[1:]``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modeconn",
         description="Low-loss paths between trained networks, served as ensembles or merged models.",
     )
@@ -48,13 +170,18 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="show tracebacks and debug logs"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
     for name in COMMANDS:
         register = importlib.import_module(f"modeconn.commands.{name}").register
         if len(inspect.signature(register).parameters) > 1:
             register(sub, argv)
         else:
             register(sub)
+    for command in sub.choices.values():
+        if isinstance(command, _Parser):
+            command._outer = parser  # to tell "modeconn connect ... --verbose" where it goes
     return parser
 
 
@@ -69,18 +196,40 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    args.progress = not args.quiet and sys.stderr.isatty()
+    args.progress = not args.quiet  # a bar on a terminal, plain lines in a log
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("modeconn: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (UserError, ValueError, TypeError, OSError, RuntimeError) as err:
         if args.verbose:
             raise
-        kind = "" if isinstance(err, UserError | ValueError | FileNotFoundError) else "failed: "
-        print(f"modeconn {args.command}: error: {kind}{err}", file=sys.stderr)
-        return 2 if not kind else 1
+        user = isinstance(err, UserError | ValueError) or _is_path_error(err)
+        kind = "" if user else "failed: "
+        print(f"modeconn {args.command}: error: {kind}{_message(err)}", file=sys.stderr)
+        return 2 if user else 1
+
+
+#: OS errors about the paths given (missing, a file where a folder belongs, no permission):
+#: the user's to fix, so status 2. Others (a full disk, an I/O error) are failures, status 1.
+_PATH_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM}
+)
+
+
+def _is_path_error(err: BaseException) -> bool:
+    # FileNotFoundError raised with a message only (no errno) is ours: "checkpoint not found".
+    return isinstance(err, FileNotFoundError) or (
+        isinstance(err, OSError) and err.errno in _PATH_ERRNOS
+    )
+
+
+def _message(err: BaseException) -> str:
+    """``err`` in one line: an OS error as "File exists: runs/a" rather than "[Errno 17] ..."."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
 
 
 if __name__ == "__main__":

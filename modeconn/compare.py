@@ -5,6 +5,11 @@ endpoints, data and options), evaluate every path on the same grid of t, and col
 per method: barriers, worst test error, lengths in weights and in predictions, wall time, and
 the K-member ensemble's test accuracy and NLL. The unaligned straight line is always included
 as the baseline. :func:`compare_energy` does the same on an analytic landscape.
+
+Rows are ranked by the train-loss barrier above the chord between the endpoint losses
+(``max_t L(t) - ((1-t) L(0) + t L(1))``, :func:`modeconn.metrics.barriers`' ``linear``), best
+first. The barrier above the endpoints' mean cannot rank them: it never falls below half the
+gap between the endpoint losses, so every path that stays near the chord ties at that floor.
 """
 
 from __future__ import annotations
@@ -12,24 +17,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path as FsPath
 
 import torch
 
+from modeconn.bn import DEFAULT_BN_EXAMPLES
 from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_energy_path
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import METHODS, make_config
+from modeconn.metrics import barriers
 from modeconn.models.spec import PermutationSpec
 from modeconn.types import Energy
 
-__all__ = ["ComparisonRow", "compare", "compare_energy", "DEFAULT_METHODS"]
+__all__ = ["ComparisonRow", "compare", "compare_energy", "rank_rows", "DEFAULT_METHODS"]
 
 log = logging.getLogger("modeconn")
 
@@ -45,7 +53,9 @@ class ComparisonRow:
     seconds: float
     loss_barrier: float  # train loss, mean-endpoint definition
     loss_barrier_max: float  # train loss above the worse endpoint
+    loss_barrier_linear: float  # train loss above the chord of the endpoint losses: the ranking
     error_barrier: float  # test error, mean-endpoint definition
+    error_barrier_linear: float  # test error above the chord of the endpoint errors
     worst_test_error: float
     weight_length: float
     prediction_length: float
@@ -53,9 +63,48 @@ class ComparisonRow:
     ensemble_acc: float | None = None
     ensemble_nll: float | None = None
     reused: bool = False
+    rank: int = 0  # 1 for the lowest loss_barrier_linear (set by rank_rows; 0: not ranked)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _rank_key(barrier: float, *tie_breaks: float) -> tuple[bool, float, tuple[float, ...]]:
+    """Lowest barrier first; a NaN barrier (a diverged path) last; then the tie-breaks."""
+    nan = math.isnan(barrier)
+    return (
+        nan,
+        0.0 if nan else barrier,
+        tuple(math.inf if math.isnan(x) else x for x in tie_breaks),
+    )
+
+
+def rank_rows(rows: Sequence[ComparisonRow]) -> list[ComparisonRow]:
+    """``rows`` best first, by ``loss_barrier_linear``, each with its ``rank`` (1 = best).
+
+    Ties (every path on or below the chord scores 0) are broken by the test-error barrier above
+    its chord, then by the worst test error; rows still tied keep their order. (The barrier above
+    the endpoints' mean breaks none of them: a path below the chord peaks at an endpoint, so its
+    mean barrier is half the endpoints' gap, like every other such path's.)
+    """
+    ranked = sorted(
+        rows,
+        key=lambda r: _rank_key(r.loss_barrier_linear, r.error_barrier_linear, r.worst_test_error),
+    )
+    return [replace(r, rank=i) for i, r in enumerate(ranked, start=1)]
+
+
+def _path_barriers(ev: Mapping) -> tuple[dict[str, float], dict[str, float]]:
+    """Train-loss and test-error barriers from an evaluation's per-t curves, on its own ts.
+
+    Recomputed here rather than read from the stored summaries: a cached artifact may predate
+    the ``linear`` barrier, and the chord needs the t of every point (a grid with a path's knots
+    is not evenly spaced).
+    """
+    ts = ev["ts"]
+    loss = barriers(ev["train_loss"], ts=ts)
+    error = barriers([1.0 - a for a in ev["test_acc"]], ts=ts)
+    return loss, error
 
 
 def _file_digest(path: str) -> str:
@@ -67,11 +116,20 @@ def _file_digest(path: str) -> str:
 
 
 def _cache_key(
-    a: Checkpoint, b: Checkpoint, data: Dataset, method: str, config: dict, aligned, points: int
+    a: Checkpoint,
+    b: Checkpoint,
+    data: Dataset,
+    method: str,
+    config: dict,
+    aligned,
+    points: int,
+    bn_examples: int | None = None,
 ) -> str:
     blob = json.dumps(
         {
             "points": points,  # the evaluation stored with the fit
+            # BN statistics' inputs (absent: all of them, which keeps older keys valid)
+            **({"bn_examples": bn_examples} if bn_examples else {}),
             "a": _file_digest(a.path_name),
             "b": _file_digest(b.path_name),
             "data": data.fingerprint(),
@@ -99,12 +157,14 @@ def compare(
     reuse: bool = True,
     eval_points: int = 61,
     spec: PermutationSpec | None = None,
+    bn_examples: int | None = DEFAULT_BN_EXAMPLES,
 ) -> tuple[list[ComparisonRow], dict[str, dict]]:
     """Fit and evaluate ``methods`` between ``a`` and ``b``; returns rows and evaluations by label.
 
     Artifacts go to ``out_dir/<label>``. With ``align`` every method connects A to the aligned
     B (permuted with ``spec``, default: inferred from the graph), and the unaligned straight line
-    is added as the baseline.
+    is added as the baseline. Rows come ranked, best first (:func:`rank_rows`); the evaluations
+    keep the order the methods were fitted in.
     """
     from modeconn.artifact import load_artifact
     from modeconn.pipeline import fit_artifact
@@ -127,7 +187,14 @@ def compare(
         given = params.get(method, {})
         config = given if isinstance(given, MethodConfig) else make_config(method, **given)
         key = _cache_key(
-            a, b, data, method, config.model_dump(), aligned and (spec or "inferred"), eval_points
+            a,
+            b,
+            data,
+            method,
+            config.model_dump(),
+            aligned and (spec or "inferred"),
+            eval_points,
+            bn_examples,
         )
         target = out_dir / label
         artifact = None
@@ -155,8 +222,10 @@ def compare(
                 progress=progress,
                 eval_points=eval_points,
                 cache_key=key,
+                bn_examples=bn_examples,
             )
         ev = artifact.manifest.metrics
+        loss_barrier, error_barrier = _path_barriers(ev)
         ensemble = _ensemble_metrics(artifact, data, ensemble_k, device) if ensemble_k else {}
         rows.append(
             ComparisonRow(
@@ -165,9 +234,11 @@ def compare(
                 aligned=aligned,
                 artifact=str(target),
                 seconds=float(artifact.manifest.fit.get("seconds", 0.0)),
-                loss_barrier=ev["loss_barrier"]["mean"],
-                loss_barrier_max=ev["loss_barrier"]["max"],
-                error_barrier=ev["error_barrier"]["mean"],
+                loss_barrier=loss_barrier["mean"],
+                loss_barrier_max=loss_barrier["max"],
+                loss_barrier_linear=loss_barrier["linear"],
+                error_barrier=error_barrier["mean"],
+                error_barrier_linear=error_barrier["linear"],
                 worst_test_error=ev["worst_test_error"],
                 weight_length=ev["weight_length"],
                 prediction_length=ev["prediction_length"],
@@ -176,7 +247,7 @@ def compare(
             )
         )
         evaluations[label] = ev
-    return rows, evaluations
+    return rank_rows(rows), evaluations
 
 
 def _ensemble_metrics(artifact, data: Dataset, k: int, device) -> dict:
@@ -196,7 +267,12 @@ def compare_energy(
     params: dict[str, dict] | None = None,
     points: int = 101,
 ) -> list[dict]:
-    """The same comparison on an analytic landscape: barrier, mean loss, length, time, work."""
+    """The same comparison on an analytic landscape: barriers, mean loss, length, time, work.
+
+    ``barrier`` is above the endpoints' mean, ``barrier_linear`` above the chord of the endpoint
+    energies; ``rank`` orders the methods by ``barrier_linear`` (1 = lowest). Rows keep the order
+    of ``methods``.
+    """
     params = params or {}
     rows = []
     for method in methods:
@@ -207,10 +283,12 @@ def compare_energy(
         path = connect(energy, start, end, method, stats=stats, **params.get(method, {}))
         seconds = time.perf_counter() - begin
         ev = evaluate_energy_path(energy, path, points=points)
+        barrier = barriers(ev["loss"], ts=ev["ts"])
         rows.append(
             {
                 "method": method,
-                "barrier": ev["barrier"]["mean"],
+                "barrier": barrier["mean"],
+                "barrier_linear": barrier["linear"],
                 "max_loss": ev["barrier"]["peak"],
                 "mean_loss": ev["mean_loss"],
                 "weight_length": ev["weight_length"],
@@ -218,4 +296,9 @@ def compare_energy(
                 "gradient_evaluations": stats.get("gradient_evaluations"),
             }
         )
+    order = sorted(
+        range(len(rows)), key=lambda i: _rank_key(rows[i]["barrier_linear"], rows[i]["barrier"])
+    )
+    for rank, i in enumerate(order, start=1):
+        rows[i]["rank"] = rank
     return rows

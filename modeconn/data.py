@@ -7,6 +7,15 @@
 * ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``, ``cifar100:DIR``: torchvision data sets
   read from a local folder (``download=False``), with the usual normalisation, and random crop +
   flip augmentation on the CIFAR training sets.
+* ``imagefolder:DIR`` or ``imagefolder:DIR?size=28`` (``size=HxW`` for other shapes): image
+  files in torchvision's ImageFolder layout, one subfolder per class (class names: the folder
+  names, sorted). ``DIR/train`` and ``DIR/test`` if both exist, else the class folders directly
+  under ``DIR``, split 80/20 by class with the seeded split of ``digits``. Every image is
+  decoded once, resized to ``size`` (default: the first image's, in sorted order), scaled to
+  [0, 1] and used as it is (no normalisation, no inversion); grayscale unless some image has
+  colour; an unreadable image is an error that names it. The pixel pipeline is
+  :mod:`modeconn.images`, so ``modeconn predict`` and the service turn the same files into the
+  same inputs.
 
 Everything is held in memory as tensors: the data sets here are small enough, and mini-batches
 then cost one index operation instead of a DataLoader round trip.
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +42,15 @@ log = logging.getLogger("modeconn")
 __all__ = ["Dataset", "load_data", "iterate_batches", "DATA_KINDS", "DEFAULT_DATA"]
 
 DEFAULT_DATA = "digits"
-DATA_KINDS = ("digits", "npz:PATH", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
+DATA_KINDS = (
+    "digits",
+    "npz:PATH",
+    "mnist:DIR",
+    "fashion-mnist:DIR",
+    "cifar10:DIR",
+    "cifar100:DIR",
+    "imagefolder:DIR",
+)
 
 # (batch, generator or None for the global RNG) -> augmented batch.
 Augment = Callable[[Tensor, torch.Generator | None], Tensor]
@@ -55,6 +73,13 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes' names: an image folder's folder names, else ``"0"`` .. ``"C-1"``."""
+        from modeconn.images import class_names
+
+        return class_names(self.preprocessing, self.num_classes)
 
     def fingerprint(self) -> str:
         """A short hash of the tensors, recorded in artifacts to catch a change of data."""
@@ -124,6 +149,8 @@ def load_data(spec: str = DEFAULT_DATA, *, split_seed: int = 0) -> Dataset:
         return _load_npz(_require_arg(spec, arg, "a file path"))
     if kind in _TORCHVISION:
         return _load_torchvision(kind, _require_arg(spec, arg, "a folder"))
+    if kind == "imagefolder":
+        return _load_imagefolder(_require_arg(spec, arg, "a folder"), split_seed)
     raise ValueError(f"unknown data set {spec!r}; expected one of: {', '.join(DATA_KINDS)}")
 
 
@@ -134,18 +161,24 @@ def _require_arg(spec: str, arg: str, what: str) -> str:
     return arg
 
 
+def _split(x: np.ndarray, y: np.ndarray, split_seed: int) -> list[np.ndarray]:
+    """``x_train, x_test, y_train, y_test``: a seeded, stratified 80/20 split."""
+    from sklearn.model_selection import train_test_split
+
+    return cast(
+        list[np.ndarray],  # arrays in, arrays out
+        train_test_split(x, y, test_size=0.2, random_state=split_seed, stratify=y),
+    )
+
+
 def _load_digits(split_seed: int) -> Dataset:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     from sklearn.utils import Bunch
 
     digits = cast(Bunch, load_digits())  # a Bunch, as return_X_y is False
     x = digits.images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = cast(
-        list[np.ndarray],  # arrays in, arrays out
-        train_test_split(x, y, test_size=0.2, random_state=split_seed, stratify=y),
-    )
+    x_tr, x_te, y_tr, y_te = _split(x, y, split_seed)
     mean, std = float(x_tr.mean()), float(x_tr.std())
     x_tr = (x_tr - mean) / std
     x_te = (x_te - mean) / std
@@ -283,6 +316,126 @@ def _npz_classes(path: Path, y_tr: np.ndarray, y_te: np.ndarray, declared) -> in
             int(np.median(counts)),
         )
     return classes
+
+
+def _imagefolder_spec(arg: str) -> tuple[Path, tuple[int, int] | None]:
+    """``DIR`` or ``DIR?size=28`` / ``DIR?size=HxW`` -> (folder, (H, W) or None)."""
+    path, sep, query = arg.rpartition("?")
+    if not sep or "=" not in query:  # a "?" that starts no option belongs to the path
+        path, query = arg, ""
+    size = None
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key.strip() != "size":
+            raise ValueError(
+                f"imagefolder option {item!r} is unknown; the one option is size "
+                "(imagefolder:DIR?size=28, or ?size=HxW)"
+            )
+        dims = value.strip().lower().split("x")
+        if len(dims) not in (1, 2) or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ValueError(
+                f"imagefolder size={value!r}: expected a positive integer (size=28) or "
+                "HEIGHTxWIDTH (size=32x24)"
+            )
+        size = (int(dims[0]), int(dims[-1]))
+    return Path(path).expanduser(), size
+
+
+def _load_imagefolder(arg: str, split_seed: int) -> Dataset:
+    from modeconn.images import class_folders, is_color, read_image, to_pixels
+
+    folder, size = _imagefolder_spec(arg)
+    if not folder.is_dir():
+        raise ValueError(
+            f"imagefolder folder not found: {folder} (expected one subfolder of images per "
+            "class, or train/ and test/ folders laid out so)"
+        )
+    root = folder.resolve()
+    train_dir, test_dir = root / "train", root / "test"
+    if train_dir.is_dir() != test_dir.is_dir():
+        have, lack = ("train", "test") if train_dir.is_dir() else ("test", "train")
+        raise ValueError(
+            f"{root} has {have}/ but no {lack}/: give both, each with one folder per class, "
+            "or put the class folders directly in it to have them split 80/20"
+        )
+    presplit = train_dir.is_dir()
+    train = class_folders(train_dir if presplit else root)
+    test = class_folders(test_dir) if presplit else {}
+    if presplit and train.keys() != test.keys():
+        only_train, only_test = (
+            sorted(train.keys() - test.keys()),
+            sorted(test.keys() - train.keys()),
+        )
+        raise ValueError(
+            f"{root}: train/ and test/ must hold the same class folders, but "
+            + "; ".join(
+                f"{', '.join(names[:5])} {'are' if len(names) > 1 else 'is'} only in {where}/"
+                for names, where in ((only_train, "train"), (only_test, "test"))
+                if names
+            )
+        )
+    classes = sorted(train)
+    if len(classes) < 2:
+        raise ValueError(f"{root} has one class folder ({classes[0]}); a classifier needs two")
+
+    start = time.perf_counter()
+    # (file, class index), train first; every file is decoded once and kept until all are seen,
+    # since one colour image makes the whole set RGB.
+    files = [
+        (f, c)
+        for split in (train, test)
+        for c, name in enumerate(classes)
+        for f in split.get(name, [])
+    ]
+    pictures = [read_image(f, name=str(f)) for f, _ in files]
+    channels = 3 if any(is_color(p) for p in pictures) else 1
+    height, width = size or (pictures[0].height, pictures[0].width)
+    x = np.stack(
+        [to_pixels(p, channels, (height, width), background=255) for p in pictures]
+    )  # (N, C, H, W) in [0, 1]
+    del pictures
+    y = np.array([c for _, c in files], dtype=np.int64)  # (N,)
+    if presplit:
+        n_train = sum(len(v) for v in train.values())
+        x_tr, x_te, y_tr, y_te = x[:n_train], x[n_train:], y[:n_train], y[n_train:]
+    else:
+        try:
+            x_tr, x_te, y_tr, y_te = _split(x, y, split_seed)
+        except ValueError as err:  # too few images per class for a stratified split
+            raise ValueError(
+                f"cannot split {root} 80/20 by class ({err}); add images, or give train/ and "
+                "test/ folders"
+            ) from None
+    log.info(
+        "imagefolder %s: %d train and %d test images of %d classes, %dx%dx%d, in %.1fs",
+        root,
+        len(y_tr),
+        len(y_te),
+        len(classes),
+        channels,
+        height,
+        width,
+        time.perf_counter() - start,
+    )
+    shape = f"{height}" if height == width else f"{height}x{width}"
+    return Dataset(
+        name=f"imagefolder:{root}?size={shape}",  # reloads the same tensors, wherever run from
+        x_train=torch.from_numpy(np.ascontiguousarray(x_tr)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_tr)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_te)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_te)),
+        num_classes=len(classes),
+        preprocessing={
+            "kind": "image",
+            "channels": channels,
+            "size": [height, width],
+            "raw_max": 255.0,
+            "mean": [0.0] * channels,
+            "std": [1.0] * channels,
+            "ink": "as-is",  # used as they are: predict and the service never invert them
+            "classes": classes,
+        },
+    )
 
 
 # name -> (torchvision class, mean per channel, std per channel, augment)

@@ -304,7 +304,7 @@ class Ensemble:
         return f"Ensemble(k={self.k}, ts=[{ts}], backend={self.backend!r})"
 
     @torch.no_grad()
-    def member_log_probs(self, inputs: Tensor, *, batch_size: int = 1024) -> Tensor:
+    def member_log_probs(self, inputs: Tensor, *, batch_size: int = 256) -> Tensor:
         """Each member's log-probabilities, ``(K, N, C)`` on the CPU."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -326,7 +326,7 @@ class Ensemble:
             return torch.func.vmap(one)(self._stacked)  # (K, B, C)
         return torch.stack([F.log_softmax(m(x), -1) for m in self.members])  # (K, B, C)
 
-    def predict(self, inputs: Tensor, *, batch_size: int = 1024) -> EnsemblePrediction:
+    def predict(self, inputs: Tensor, *, batch_size: int = 256) -> EnsemblePrediction:
         """Mean of the members' softmax and the per-input uncertainty."""
         member = self.member_log_probs(inputs, batch_size=batch_size)  # (K, N, C)
         _, log_probs, uncertainty = ensemble_statistics(member)

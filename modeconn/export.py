@@ -113,13 +113,15 @@ def export_onnx(
     manifest: dict,
     probe: Tensor | None = None,
     atol: float = 1e-4,
+    log_level: int = logging.INFO,
 ) -> ExportResult:
     """Export ``module`` (inputs ``(N, *input_shape)``) as one self-contained ONNX file.
 
     The batch axis is dynamic (checked). Before anything is written, onnxruntime runs the graph
     on ``probe`` (default: 5 seeded random inputs) and every output must match torch within
     ``atol``; otherwise ``RuntimeError`` and no file. ``manifest`` goes, as JSON, into the
-    model's metadata under :data:`modeconn.runtime.METADATA_KEY`.
+    model's metadata under :data:`modeconn.runtime.METADATA_KEY`. The file written is logged at
+    ``log_level`` (DEBUG for graphs written only to be run once).
     """
     if not atol >= 0:
         raise ValueError(f"atol must be a non-negative number, got {atol!r}")
@@ -165,7 +167,7 @@ def export_onnx(
     with atomic_file(out) as tmp:
         tmp.write_bytes(data)
     seconds = time.perf_counter() - begin
-    log.info("wrote %s (%.1f MB, max |onnx - torch| = %.2g)", out, len(data) / 1e6, diff)
+    log.log(log_level, "wrote %s (%.1f MB, max |onnx - torch| = %.2g)", out, len(data) / 1e6, diff)
     return ExportResult(
         path=out,
         format="onnx",
@@ -300,6 +302,7 @@ def _manifest(artifact: PathArtifact, kind: str) -> dict:
         "preprocessing": dict(data.preprocessing) if data else {},
         "data": {"name": data.name, "fingerprint": data.fingerprint} if data else None,
         "alignment": bool(m.alignment),
+        "bn_examples": m.bn_examples,  # training inputs recomputed BN statistics come from
         "artifact_created": m.created,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),

@@ -57,6 +57,8 @@ __all__ = [
     "merged_file",
     "match_t",
     "unique_ts",
+    "absolute_data_spec",
+    "resolve_data_spec",
     "read_manifest",
     "read_index",
     "file_sha256",
@@ -130,7 +132,11 @@ class DataInfo(_Strict):
 
 
 class Manifest(_Strict):
-    """Everything a consumer needs to know about a path artifact, validated on load."""
+    """Everything a consumer needs to know about a path artifact, validated on load.
+
+    ``data.name`` is the data spec with an absolute path (:func:`absolute_data_spec`); older
+    manifests may hold a relative one, which :func:`resolve_data_spec` looks for.
+    """
 
     format_version: Literal[1] = FORMAT_VERSION
     kind: Literal["path", "points"] = "path"
@@ -143,6 +149,13 @@ class Manifest(_Strict):
     alignment: dict | None = None
     endpoints: dict = {}
     served_ts: list[float] = []
+    bn_examples: int | None = Field(
+        None,
+        ge=1,
+        description="training inputs BatchNorm statistics are recomputed from: a seeded subset "
+        "of this many (modeconn.bn.bn_subset); None: the whole training set, as every artifact "
+        "written before this field was",
+    )
     metrics: dict = {}
     fit: dict = {}
     seed: int = 0
@@ -167,6 +180,60 @@ class Manifest(_Strict):
         from modeconn.checkpoint import ModelSpec
 
         return ModelSpec.from_json(self.model.model_dump())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data specs with paths
+
+
+def _split_spec(spec: str) -> tuple[str, str, str] | None:
+    """``(kind, path, query)`` of a spec ``KIND:PATH[?QUERY]``; None for one without a path."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        return None
+    path, mark, query = arg.partition("?")
+    return kind, path, mark + query
+
+
+def absolute_data_spec(spec: str, base: str | os.PathLike | None = None) -> str:
+    """``spec`` with its path absolute: ``npz:data/x.npz`` -> ``npz:/home/me/data/x.npz``.
+
+    A data spec is ``KIND`` or ``KIND:PATH`` (see :func:`modeconn.data.load_data`), the path
+    relative to ``base`` (default: the working directory), ``~`` expanded; a query such as
+    ``?size=28`` is kept. Artifacts and endpoint files store specs so, and then every command
+    finds the data from any working directory.
+    """
+    parts = _split_spec(spec)
+    if parts is None:
+        return spec
+    kind, path, query = parts
+    full = os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(path)))
+    return f"{kind}:{full}{query}"
+
+
+def resolve_data_spec(spec: str, directory: str | os.PathLike) -> str:
+    """The spec to load for the data recorded in the artifact (or file) in ``directory``.
+
+    An absolute path is used as recorded. A relative one (manifests written before paths were
+    stored absolute) meant the working directory of the fit: it is looked for from the
+    working directory first, then from ``directory`` and each folder above it; not found,
+    ``ValueError`` says so and how to give the data.
+    """
+    parts = _split_spec(spec)
+    if parts is None or Path(os.path.expanduser(parts[1])).is_absolute():
+        return spec
+    kind, path, query = parts
+    here = Path.cwd()
+    folder = Path(os.path.abspath(directory))
+    for base in (here, folder, *folder.parents):
+        if (base / path).exists():
+            return absolute_data_spec(spec, base)
+    raise ValueError(
+        f"{directory} records its data as {spec!r}, a path relative to the folder it was fitted "
+        f"from, and {path} is found neither from {here} nor from the artifact's folders: run "
+        f"the command from that folder, or give the data with --data "
+        f"{kind}:/full/path/to/{Path(path).name}{query}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +286,16 @@ class ServingIndex(_Strict):
     def merged(self) -> dict[float, ServedGraph]:
         """Merged-model graphs by t."""
         return {g.ts[0]: g for g in self.graphs if g.mode == "merged"}
+
+    def find(self, mode: str, ts: Iterable[float]) -> ServedGraph | None:
+        """The graph of ``mode`` whose members sit at ``ts`` (in order, within
+        :data:`T_TOLERANCE`), if the bundle holds one."""
+        wanted = list(ts)
+        for graph in self.graphs:
+            same = graph.mode == mode and len(graph.ts) == len(wanted)
+            if same and all(abs(t - g) <= T_TOLERANCE for t, g in zip(wanted, graph.ts)):
+                return graph
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,18 +162,23 @@ def merge_at(
     """The merged network at ``t`` (default: the midpoint) as a plain state dict.
 
     BatchNorm statistics follow ``bn`` (see :func:`resolve_bn`): by default the ones the
-    artifact stored for a served t, otherwise recomputed on ``inputs`` (training inputs).
-    Load the result with ``artifact.build_model().load_state_dict(state, strict=True)``.
+    artifact stored for a served t, otherwise recomputed on ``inputs`` (training inputs; the
+    subset the artifact records, see :meth:`PathArtifact.bn_inputs`). Load the result with
+    ``artifact.build_model().load_state_dict(state, strict=True)``.
     """
     artifact = as_artifact(artifact)
     t = _check_t(t)
     model = artifact.build_model()
     buffers, source = resolve_bn(artifact, t, inputs=inputs, bn=bn, model=model)
+    # The artifact's own subset of the inputs, so that every consumer recomputes the same.
+    recompute_from = (
+        artifact.bn_inputs(inputs) if source == "recomputed" and inputs is not None else None
+    )
     return point_state(
         model,
         artifact.path,
         t,
-        inputs=inputs if source == "recomputed" else None,
+        inputs=recompute_from,
         buffers=buffers,
         device=device,
     )

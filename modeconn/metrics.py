@@ -7,6 +7,7 @@ finite values: ``log(softmax(x))`` underflows to ``-inf`` and turns a JSD into N
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,21 +50,50 @@ def nll(log_probs: Tensor, labels: Tensor) -> float:
     return float(F.nll_loss(log_probs, labels))
 
 
-def barriers(values: list[float] | Tensor) -> dict[str, float]:
+def barriers(
+    values: Sequence[float] | Tensor, ts: Sequence[float] | Tensor | None = None
+) -> dict[str, float]:
     """Barrier heights of a curve of losses (or errors) sampled along t from 0 to 1.
 
-    ``mean``: ``max_t L(t) - (L(0) + L(1)) / 2`` (Git Re-Basin's definition);
-    ``max``: ``max_t L(t) - max(L(0), L(1))`` (height above the worse endpoint).
+    ``mean``: ``max_t L(t) - (L(0) + L(1)) / 2`` (Git Re-Basin's definition, Ainsworth et al.
+    2023); ``max``: ``max_t L(t) - max(L(0), L(1))`` (height above the worse endpoint);
+    ``linear``: ``max_t L(t) - ((1 - t) L(0) + t L(1))``, the height above the chord between the
+    endpoint losses (Entezari et al. 2022, *The Role of Permutation Invariance in Linear Mode
+    Connectivity of Neural Networks*).
+
+    ``mean`` can never fall below ``|L(1) - L(0)| / 2`` (the peak is at least the worse
+    endpoint), so paths that stay near the chord all tie at that floor; ``linear`` is 0 for a
+    path on or below the chord and keeps ranking them. ``ts`` are the t of ``values`` (the grid
+    need not be uniform: an evaluation grid holds a path's knots too); without them the values
+    are taken as evenly spaced. The chord joins the first and the last value.
     """
-    v = torch.as_tensor(values, dtype=torch.float64)
-    if v.numel() < 2:
-        raise ValueError(f"a barrier needs the values at t=0 and t=1 at least, got {v.numel()}")
+    v = torch.as_tensor(values, dtype=torch.float64)  # (T,)
+    if v.ndim != 1 or v.numel() < 2:
+        raise ValueError(
+            f"a barrier needs a 1-D curve with the values at t=0 and t=1 at least, got shape "
+            f"{tuple(v.shape)}"
+        )
+    if ts is None:
+        t = torch.linspace(0.0, 1.0, v.numel(), dtype=torch.float64)  # (T,)
+    else:
+        t = torch.as_tensor(ts, dtype=torch.float64)
+        if t.shape != v.shape:
+            raise ValueError(
+                f"ts must give one t per value: {tuple(t.shape)} ts for {v.numel()} values"
+            )
+        if not bool((t[1:] >= t[:-1]).all()) or not bool(t[-1] > t[0]):
+            raise ValueError(f"ts must increase from the first to the last, got {t.tolist()}")
+    s = (t - t[0]) / (t[-1] - t[0])  # (T,) position along the chord, 0 .. 1
+    chord = (1.0 - s) * v[0] + s * v[-1]  # (T,)
+    excess = v - chord  # (T,), 0 at both ends
     peak = float(v.max())
     return {
         "mean": peak - 0.5 * float(v[0] + v[-1]),
         "max": peak - float(torch.maximum(v[0], v[-1])),
+        "linear": float(excess.max()),
         "peak": peak,
         "t_peak_index": int(v.argmax()),
+        "t_linear_index": int(excess.argmax()),
     }
 
 

@@ -23,13 +23,14 @@ from modeconn.artifact import (
     default_served_ts,
     save_artifact,
 )
+from modeconn.bn import DEFAULT_BN_EXAMPLES, bn_subset, check_bn_examples
 from modeconn.checkpoint import Checkpoint
 from modeconn.data import Dataset
 from modeconn.evaluate import evaluate_path, predict
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.connect import connect
 from modeconn.fit.methods import get_method, make_config
-from modeconn.formats import DataInfo, Manifest, ModelInfo
+from modeconn.formats import DataInfo, Manifest, ModelInfo, absolute_data_spec
 from modeconn.models.spec import PermutationSpec
 from modeconn.paths import as_state
 from modeconn.types import StateDict
@@ -47,9 +48,10 @@ log = logging.getLogger("modeconn")
 
 
 def endpoint_record(ckpt: Checkpoint) -> dict:
-    """How a manifest names an endpoint: its file, seed and the metrics it was saved with."""
+    """How a manifest names an endpoint: its file (absolute), seed and the metrics it was saved
+    with."""
     return {
-        "file": ckpt.path_name,
+        "file": os.path.abspath(ckpt.path_name) if ckpt.path_name else "",
         "metrics": ckpt.meta.get("metrics", {}),
         "seed": ckpt.meta.get("seed"),
     }
@@ -159,6 +161,7 @@ def fit_artifact(
     eval_points: int = 61,
     served_ts: list[float] | None = None,
     cache_key: str | None = None,
+    bn_examples: int | None = DEFAULT_BN_EXAMPLES,
 ) -> tuple[PathArtifact, dict | None]:
     """Fit ``method`` between endpoints ``a`` and ``b`` and (if ``out``) save the artifact.
 
@@ -167,7 +170,10 @@ def fit_artifact(
     the path evaluation (``None`` when ``eval_points`` is 0). With ``align``, B is first
     permuted onto A with ``spec`` (default: inferred from the graph). For a point set (FGE)
     the metrics also hold the members' ensemble (``ensemble``) beside the start (``start``).
+    BatchNorm statistics, stored and evaluated, come from ``bn_examples`` seeded training
+    inputs (``None`` or 0: all of them), recorded in the manifest for every later use.
     """
+    bn_examples = check_bn_examples(bn_examples)  # a bad count fails before any work
     row = get_method(method)
     if config is None:
         config = make_config(method, **dict(params or {}))  # fail on bad options before any work
@@ -204,12 +210,20 @@ def fit_artifact(
     ts = served_ts if served_ts is not None else default_served_ts()
     if path.kind == "points":
         ts = [float(k) for k in path.knots()]
-    buffers = compute_served_buffers(model, path, data.x_train, ts, device=device)
+    bn_inputs = bn_subset(data.x_train, bn_examples)  # (min(N, bn_examples), *input_shape)
+    buffers = compute_served_buffers(model, path, bn_inputs, ts, device=device)
     model.cpu()
     metrics: dict = {}
     if eval_points:
         evaluation = evaluate_path(
-            model, path, data, points=eval_points, device=device, progress=progress
+            model,
+            path,
+            data,
+            points=eval_points,
+            device=device,
+            progress=progress,
+            bn_examples=bn_examples,
+            buffers=buffers,  # the same statistics at the served t values: not computed twice
         )
         model.cpu()
         metrics = evaluation.to_json()
@@ -228,10 +242,11 @@ def fit_artifact(
         num_nodes=path.num_nodes,
         knots=[float(k) for k in path.knots()],
         model=ModelInfo(**a.model.to_json()),
-        data=DataInfo(**data.describe()),
+        data=DataInfo(**{**data.describe(), "name": absolute_data_spec(data.name)}),
         alignment=alignment,
         endpoints=endpoints,
         served_ts=ts,
+        bn_examples=bn_examples,
         metrics=metrics,
         fit={
             "name": FsPath(out).name if out is not None else method,

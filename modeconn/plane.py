@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modeconn.bn import has_batchnorm, recompute_bn
+from modeconn.bn import DEFAULT_BN_EXAMPLES, bn_subset, has_batchnorm, recompute_bn
 from modeconn.data import Dataset
 from modeconn.evaluate import predict
 from modeconn.io import atomic_file
@@ -122,11 +122,13 @@ def loss_plane(
     curve_points: int = 61,
     device: torch.device | str | None = None,
     progress: bool = False,
+    bn_examples: int | None = DEFAULT_BN_EXAMPLES,
 ) -> LossPlane:
     """Loss (mean cross-entropy on ``split``) on a ``grid`` x ``grid`` lattice of the plane.
 
     The lattice covers the bounding box of the three nodes widened by ``margin`` of its size
-    on every side; BN statistics are recomputed on the training inputs at every point.
+    on every side; BN statistics are recomputed at every point from ``bn_examples`` seeded
+    training inputs (``None`` or 0: all of them; :func:`modeconn.bn.bn_subset`).
     """
     if grid < 2:
         raise ValueError(f"grid must be >= 2 points per side, got {grid}")
@@ -144,7 +146,7 @@ def loss_plane(
     device = torch.device(device or "cpu")
     model.to(device)
     bn = has_batchnorm(model)
-    x_train = data.x_train.to(device)
+    x_train = bn_subset(data.x_train, bn_examples).to(device)  # (min(N, bn_examples), ...)
     x_eval = x_eval.to(device)
     loss = [[0.0] * grid for _ in range(grid)]
     error = [[0.0] * grid for _ in range(grid)]

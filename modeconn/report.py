@@ -4,7 +4,9 @@ For one artifact, on a data split: endpoint A, endpoint B, the two-model ensembl
 the straight-line midpoint (BatchNorm reset), the path's midpoint (merged), and the path's
 K-member ensembles for every K asked — or, for an FGE point set, its members and ensembles.
 Each row reports accuracy, NLL, Brier score, ECE (15 bins) and member disagreement, computed by
-torch or by onnxruntime on exported graphs (the same numbers, which the tests check).
+torch or by onnxruntime on exported graphs (the same numbers, which the tests check): the
+artifact's serving bundle's graphs where it holds the row's, graphs exported for the run
+otherwise. One log line per artifact says what ran.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -23,6 +26,7 @@ from torch import Tensor
 from modeconn.artifact import PathArtifact
 from modeconn.data import Dataset
 from modeconn.ensemble import Ensemble, choose_ts
+from modeconn.formats import ServingIndex
 from modeconn.merge import as_artifact, merge_at, point_state
 from modeconn.metrics import classification_metrics, reliability
 from modeconn.paths import linear
@@ -42,6 +46,7 @@ class _Candidate:
     k: int
     ts: tuple[float, ...]
     states: tuple[StateDict, ...]
+    on_path: bool = True  # the path's own points: a serving bundle may hold their graph
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def _candidates(
     artifact: PathArtifact, data: Dataset, ks: Sequence[int], device
 ) -> list[_Candidate]:
     path = artifact.path
-    x_train = data.x_train
+    x_train = artifact.bn_inputs(data.x_train)  # the subset the artifact recomputes BN from
     point = lambda t: merge_at(artifact, t, inputs=x_train, device=device)  # noqa: E731
     cands: list[_Candidate] = []
     if path.kind == "points":
@@ -89,7 +94,7 @@ def _candidates(
     model = artifact.build_model()
     straight = linear(path.node(0), path.node(path.num_nodes - 1))
     mid_linear = point_state(model, straight, 0.5, inputs=x_train, device=device)
-    cands.append(_Candidate("straight midpoint", "midpoint", 1, (0.5,), (mid_linear,)))
+    cands.append(_Candidate("straight midpoint", "midpoint", 1, (0.5,), (mid_linear,), False))
     cands.append(_Candidate("path midpoint", "midpoint", 1, (0.5,), (point(0.5),)))
     for k in ks:
         ts = tuple(choose_ts(path, k))
@@ -104,13 +109,42 @@ def _member_probs_torch(artifact: PathArtifact, cand: _Candidate, x: Tensor, dev
     return ensemble.member_log_probs(x).exp()  # (K, N, C)
 
 
+def _bundled(artifact: PathArtifact, cand: _Candidate, index: ServingIndex | None) -> bytes | None:
+    """The bytes of the serving bundle's graph of ``cand`` (checked against the index), if any."""
+    from modeconn.formats import IntegrityError, read_graph
+
+    if index is None or artifact.directory is None or not cand.on_path:
+        return None
+    mode = "ensemble" if cand.group in ("ensemble", "pair") else "merged"
+    graph = index.find(mode, cand.ts)
+    if graph is None:
+        return None
+    try:
+        return read_graph(artifact.directory, graph)
+    except IntegrityError as err:
+        log.warning(
+            "%s: not using its serving bundle's %s: %s", artifact.directory, graph.file, err
+        )
+        return None
+
+
 def _probs_onnx(
-    artifact: PathArtifact, cand: _Candidate, x: Tensor, workdir: FsPath
+    artifact: PathArtifact, cand: _Candidate, x: Tensor, workdir: FsPath, bundled: bytes | None
 ) -> tuple[Tensor, float]:
-    """Mean probabilities and mean disagreement from an exported graph run by onnxruntime."""
+    """Mean probabilities and mean disagreement from a graph run by onnxruntime: ``bundled``
+    (the serving bundle's), else one exported to ``workdir``."""
     from modeconn.export import ENSEMBLE_OUTPUTS, EnsembleModule, export_onnx
     from modeconn.runtime import OnnxModel
 
+    if bundled is not None:
+        result = OnnxModel(bundled, name=cand.label, log_level=logging.DEBUG).run(
+            x.numpy(), batch_size=1024
+        )
+        probs = torch.from_numpy(np.asarray(result["probabilities"], dtype=np.float64))
+        # A merged model's graph has no uncertainty output: one member never disagrees.
+        if "uncertainty" not in result:
+            return probs, 0.0
+        return probs, float(np.asarray(result["uncertainty"])[:, 2].mean())
     members = []
     for state in cand.states:
         member = artifact.build_model()
@@ -124,8 +158,11 @@ def _probs_onnx(
         output_names=ENSEMBLE_OUTPUTS,
         manifest={"kind": "ensemble", "k": cand.k, "ts": list(cand.ts)},
         probe=x[:5],
+        log_level=logging.DEBUG,
     )
-    result = OnnxModel(out, name=cand.label).run(x.numpy(), batch_size=1024)
+    result = OnnxModel(out, name=cand.label, log_level=logging.DEBUG).run(
+        x.numpy(), batch_size=1024
+    )
     probs = torch.from_numpy(np.asarray(result["probabilities"], dtype=np.float64))
     return probs, float(np.asarray(result["uncertainty"])[:, 2].mean())
 
@@ -145,9 +182,16 @@ def evaluate_artifact(
     bad = [k for k in ks if not isinstance(k, int) or k < 1]
     if bad:
         raise ValueError(f"ensemble sizes must be positive integers, got {bad}")
+    from modeconn.serving import current_index
+
+    begin = time.perf_counter()
     artifact = as_artifact(artifact)
     x, y = data.split(split)
     rows: list[Row] = []
+    index = None
+    if backend == "onnx" and artifact.directory is not None:
+        index = current_index(artifact.directory)
+    reused = 0
     with tempfile.TemporaryDirectory(prefix="modeconn-eval-") as tmp:
         for cand in _candidates(artifact, data, ks, device):
             if backend == "torch":
@@ -155,10 +199,23 @@ def evaluate_artifact(
                 probs = member.mean(0)  # (N, C)
                 metrics = classification_metrics(probs, y, member)
             else:
-                probs, disagreement = _probs_onnx(artifact, cand, x, FsPath(tmp))
+                bundled = _bundled(artifact, cand, index)
+                reused += bundled is not None
+                probs, disagreement = _probs_onnx(artifact, cand, x, FsPath(tmp), bundled)
                 metrics = {**classification_metrics(probs, y), "disagreement": disagreement}
             rows.append(
                 Row(cand.label, cand.group, cand.k, cand.ts, metrics, reliability(probs, y))
             )
             log.debug("%s: acc %.4f nll %.4f", cand.label, metrics["accuracy"], metrics["nll"])
+    how = backend
+    if backend == "onnx":
+        how += f", {reused} of {len(rows)} graphs from the serving bundle"
+    log.info(
+        "evaluated %s: %d rows on the %s set (%s) in %.1fs",
+        artifact.directory or artifact.name or artifact.manifest.method,
+        len(rows),
+        split,
+        how,
+        time.perf_counter() - begin,
+    )
     return rows

@@ -4,7 +4,8 @@ This module is what the batch evaluator and the HTTP service use, so it imports 
 nor anything that does (onnxruntime itself is imported inside the functions). A session asks
 for ``CUDAExecutionProvider`` first and ``CPUExecutionProvider`` second; onnxruntime-gpu falls
 back to the CPU without an exception when no GPU (or no CUDA library) is found, so the
-provider actually used is read back from the session and logged once per session.
+provider actually used is read back from the session and logged (at the caller's level) per
+session; that CUDA is unavailable is said once per process, at INFO.
 
 Every model written by :mod:`modeconn.export` carries a JSON manifest in its ONNX metadata
 (key ``"modeconn"``): path name, method, t values, input shape, classes, preprocessing and
@@ -42,6 +43,7 @@ _CPU = "CPUExecutionProvider"
 #: genuine failures still raise exceptions.
 _QUIET = 4
 _cuda_failed = False  # set once a CUDA request fell back, so later sessions skip the attempt
+_fallback_said = False  # set once the CPU fallback was logged: one line per process, not session
 
 ModelSource = str | os.PathLike | bytes
 
@@ -83,7 +85,8 @@ def open_session(
     """An ``onnxruntime.InferenceSession`` for ``model`` (a file path or serialized bytes).
 
     ``device="auto"``: CUDA first, CPU as fallback (no error; one log line at ``log_level``
-    says which provider runs). ``"cpu"``: CPU only. ``"cuda"``: CUDA or a ``RuntimeError``.
+    says which provider runs, and the fallback is said once per process at INFO). ``"cpu"``:
+    CPU only. ``"cuda"``: CUDA or a ``RuntimeError``.
     """
     import onnxruntime as ort
 
@@ -117,9 +120,18 @@ def open_session(
                 f"CUDA was requested for {name} but onnxruntime could not use it (no GPU or "
                 "no CUDA libraries); use device='auto' or 'cpu'"
             )
-    note = " (CUDA unavailable)" if device == "auto" and _CUDA not in used else ""
-    log.log(log_level, "onnxruntime: %s runs on %s%s", name, used[0], note)
+    log.log(log_level, "onnxruntime: %s runs on %s", name, used[0])
+    if device == "auto" and _CUDA not in used:
+        _say_fallback()
     return session
+
+
+def _say_fallback() -> None:
+    """Log once per process that sessions asked for CUDA first run on the CPU."""
+    global _fallback_said
+    if not _fallback_said:
+        _fallback_said = True
+        log.info("onnxruntime: CUDA unavailable, running on the CPU (said once per process)")
 
 
 def read_metadata(model: ModelSource) -> dict[str, Any]:
@@ -178,9 +190,15 @@ class OnnxModel:
         intra_op_threads: int | None = None,
         name: str | None = None,
         spinning: bool = True,
+        log_level: int = logging.INFO,
     ):
         self.session = open_session(
-            model, device=device, intra_op_threads=intra_op_threads, name=name, spinning=spinning
+            model,
+            device=device,
+            intra_op_threads=intra_op_threads,
+            name=name,
+            spinning=spinning,
+            log_level=log_level,
         )
         self.name = name or (Path(model).name if not isinstance(model, bytes) else "model")
         meta = self.session.get_modelmeta().custom_metadata_map

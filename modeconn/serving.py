@@ -51,6 +51,7 @@ __all__ = [
     "build_serving",
     "find_artifacts",
     "find_served",
+    "current_index",
     "save_to_store",
     "store_path",
 ]
@@ -97,6 +98,19 @@ def find_served(root: str | os.PathLike) -> list[tuple[str, Path]]:
         for d in find_artifacts(root)
         if (d / SERVING_DIR / INDEX_FILE).is_file()
     ]
+
+
+def current_index(directory: str | os.PathLike) -> ServingIndex | None:
+    """The serving index of the artifact in ``directory`` when it has a bundle built from this
+    very artifact (the manifest's creation stamp), else None: no bundle, an unreadable one, or
+    one of an earlier version of the artifact. Its graphs are not checked here: open them with
+    :func:`modeconn.formats.read_graph`, which checks each one's SHA-256."""
+    try:
+        index = read_index(directory)
+        created = read_manifest(directory).created
+    except (OSError, ValueError):
+        return None
+    return index if created and index.artifact_created == created else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +168,8 @@ def _verify_bundle(directory: Path, index: ServingIndex) -> None:
 def _up_to_date(directory: Path, requested: dict | None) -> ServingIndex | None:
     """The existing index when it was built from this very artifact (with ``requested``
     ks and ts, unless that is None) and its graphs are still what it records."""
-    try:
-        index = read_index(directory)
-        created = read_manifest(directory).created
-    except (OSError, ValueError):
-        return None
-    if not created or index.artifact_created != created:
+    index = current_index(directory)
+    if index is None:
         return None
     if requested is not None and index.requested != requested:
         return None

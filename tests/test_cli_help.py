@@ -49,8 +49,11 @@ def test_connect_help_shows_only_the_chosen_methods_options(capsys, monkeypatch)
     assert "geodesic options (JSD geodesic chain (Tan et al. 2023))" in text
     assert "--length-inputs" in text
     steps = GeodesicConfig.model_fields["steps"].description
-    assert steps is not None and steps in text and "(default: 1500)" in text
-    for other in ("--epochs", "--subsample", "--cycle-epochs", "NEB steps"):
+    assert steps is not None and steps in text
+    # the budget's lengths, in epochs with their floors of steps, are in the help
+    assert "standard: 5 epochs, at least 1,500 steps" in " ".join(text.split())
+    assert "--budget {quick,standard,paper}" in text
+    for other in ("--subsample", "--cycle-epochs", "NEB steps"):
         assert other not in text
 
     text = help_text(capsys, monkeypatch, "connect", "--method=bezier")
@@ -80,7 +83,10 @@ def test_fge_help_has_the_fge_options(capsys, monkeypatch):
     [
         (["--method", "bezier", "--steps", "10"], "--steps does not apply to method 'bezier'"),
         (["--method", "linear", "--nodes", "5"], "--nodes does not apply to method 'linear'"),
-        (["--method", "geodesic", "--epochs", "3"], "--epochs does not apply to method 'geodesic'"),
+        (
+            ["--method", "geodesic", "--subsample", "3"],
+            "--subsample does not apply to method 'geodesic'",
+        ),
     ],
 )
 def test_a_flag_of_another_method_is_a_one_line_error(argv, needle, tmp_path, capsys):

@@ -213,7 +213,7 @@ def test_a_larger_budget_continues_a_finished_fit(mlp_pair, digits, tmp_path):
     for key in full.nodes:
         assert torch.equal(longer.nodes[key], straight.nodes[key])
     assert not torch.equal(longer.nodes["head.weight"], full.nodes["head.weight"])
-    with pytest.raises(ValueError, match="beyond steps=30"):
+    with pytest.raises(ValueError, match="at step 50, beyond this budget.s 30 steps"):
         connect(model, sa, sb, "geodesic", data=digits, checkpoint=state, resume=True,
                 **{**options, "steps": 30})  # fmt: skip
 

@@ -70,10 +70,54 @@ def test_jsd_properties():
     assert float(jsd_from_log_probs(p, q)) == pytest.approx(want, rel=1e-6)
 
 
-def test_barriers_both_definitions():
+def test_barriers_every_definition():
     b = barriers([0.1, 0.5, 0.3])
     assert b["mean"] == pytest.approx(0.5 - 0.2)
     assert b["max"] == pytest.approx(0.5 - 0.3)
-    assert b["t_peak_index"] == 1
+    assert b["linear"] == pytest.approx(0.5 - 0.2)  # the chord at t=0.5 is the mean
+    assert b["t_peak_index"] == b["t_linear_index"] == 1
     with pytest.raises(ValueError):
         barriers([1.0])
+
+
+def test_linear_barrier_ranks_paths_that_tie_on_the_mean_endpoint_barrier():
+    # endpoints 1.0 and 0.0: the mean-endpoint barrier is at least 0.5 for every path
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    on_chord = [1.0, 0.75, 0.5, 0.25, 0.0]  # L(t) = 1 - t
+    plateau = [1.0, 1.0, 1.0, 0.5, 0.0]  # stays at L(0) until t=0.5, then falls
+    a, b = barriers(on_chord, ts=ts), barriers(plateau, ts=ts)
+    assert a["mean"] == b["mean"] == pytest.approx(0.5)  # a tie: both at the floor
+    assert a["max"] == b["max"] == pytest.approx(0.0)  # another tie
+    assert a["linear"] == pytest.approx(0.0)
+    assert b["linear"] == pytest.approx(1.0 - 0.5)  # at t=0.5 the chord is 0.5
+    assert b["t_linear_index"] == 2
+
+
+def test_linear_barrier_by_hand_on_uneven_grids_and_dips():
+    # an evaluation grid holds a path's knots, so the t are not evenly spaced
+    ts = [0.0, 0.1, 0.25, 1.0]
+    values = [0.0, 0.3, 0.75, 2.0]
+    # chord 2t: excess 0.3 - 0.2 = 0.1 at t=0.1, 0.75 - 0.5 = 0.25 at t=0.25
+    b = barriers(values, ts=ts)
+    assert b["linear"] == pytest.approx(0.25) and b["t_linear_index"] == 2
+    # taken as evenly spaced (t = 0, 1/3, 2/3, 1) the same values lie below the chord
+    assert barriers(values)["linear"] == pytest.approx(0.0)
+    assert barriers(torch.tensor(values), ts=torch.tensor(ts))["linear"] == pytest.approx(0.25)
+    # a path below its chord everywhere: 0 (the endpoints), never negative
+    assert barriers([1.0, 0.2, 0.1, 1.0])["linear"] == 0.0
+    # the chord joins the first and last values whatever their t (an FGE point set's knots)
+    assert barriers([1.0, 3.0, 2.0], ts=[0.2, 0.4, 1.0])["linear"] == pytest.approx(3.0 - 1.25)
+
+
+@pytest.mark.parametrize(
+    ("values", "ts", "message"),
+    [
+        ([0.0, 1.0, 0.0], [0.0, 1.0], "one t per value"),
+        ([0.0, 1.0, 0.0], [0.0, 0.7, 0.5], "increase"),
+        ([0.0, 1.0], [0.5, 0.5], "increase"),
+        ([[0.0, 1.0], [1.0, 0.0]], None, "1-D"),
+    ],
+)
+def test_barriers_refuse_bad_grids(values, ts, message):
+    with pytest.raises(ValueError, match=message):
+        barriers(values, ts=ts)

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("modeconn")
 
 #: ``modeconn.data.DATA_KINDS``, for the help of ``--data``.
-DATA_KINDS = ("digits", "npz:PATH", "mnist:DIR", "fashion-mnist:DIR", "cifar10:DIR", "cifar100:DIR")
+DATA_KINDS = (
+    "digits",
+    "npz:PATH",
+    "mnist:DIR",
+    "fashion-mnist:DIR",
+    "cifar10:DIR",
+    "cifar100:DIR",
+    "imagefolder:DIR",
+)
 #: ``models.list_models()`` and ``models.external.EXTERNAL_FORMS``, for the help of ``--model``.
 MODEL_NAMES = ("cnn", "mlp", "resnet20")
 EXTERNAL_FORMS = "torchvision:NAME, timm:NAME or module.path:Callable"
@@ -62,6 +70,47 @@ def resolve_device(name: str) -> torch.device:
             f"--device {name}: CUDA is not available on this machine; use --device cpu"
         )
     return device
+
+
+#: ``modeconn.bn.DEFAULT_BN_EXAMPLES``, for the default of ``--bn-examples``.
+BN_EXAMPLES = 2048
+
+
+def add_bn_examples(parser: argparse.ArgumentParser, *, recorded: bool = False) -> None:
+    """``--bn-examples N``: how many seeded training inputs BatchNorm statistics are recomputed
+    from (0: all). A command that writes an artifact records it there (default
+    :data:`BN_EXAMPLES`); one that reads an artifact (``recorded``) follows the artifact's
+    record unless the flag is given (see :func:`bn_examples_for`)."""
+    default = None if recorded else BN_EXAMPLES
+    when = (
+        "default: the artifact's own, from its manifest; all of them for older artifacts"
+        if recorded
+        else "default: %(default)s; recorded in the artifact, whose later uses take the same"
+    )
+    parser.add_argument(
+        "--bn-examples",
+        type=_examples,
+        default=default,
+        metavar="N",
+        help=f"recompute BatchNorm statistics from N seeded training inputs, 0 for all ({when})",
+    )
+
+
+def _examples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 (0: all), got {text!r}")
+    return value
+
+
+def bn_examples_for(args: argparse.Namespace, recorded: int | None) -> int | None:
+    """``--bn-examples`` of a command that reads an artifact: its value if given (0: all, as
+    None), else the artifact's ``recorded`` one."""
+    given = getattr(args, "bn_examples", None)
+    return recorded if given is None else (given or None)
 
 
 def parse_kv(items: list[str] | None, what: str = "--arg") -> dict:
@@ -181,7 +230,7 @@ def _load_endpoints(paths: list[str], args: argparse.Namespace) -> tuple[list[Ch
         ckpts = [described[p] for p in paths]
         return ckpts, data_for(args.data, ckpts[0])
     first = next(iter(described.values()), None)
-    data = load_data(args.data or (first and first.meta.get("data")) or "digits")
+    data = load_data(args.data or (first and _recorded_data(first)) or "digits")
     if first is not None:
         spec = first.model  # --model and --arg, if given, were checked against it above
     elif args.model is not None:
@@ -220,11 +269,21 @@ def _describe(ckpt: Checkpoint) -> str:
     return f"{m.name}({json.dumps(m.kwargs, sort_keys=True)}, input {list(m.input_shape)}, {m.num_classes} classes)"
 
 
+def _recorded_data(ckpt: Checkpoint) -> str | None:
+    """The data set a checkpoint names, a relative path in it resolved from the file's folder."""
+    from pathlib import Path
+
+    from modeconn.formats import resolve_data_spec
+
+    spec = ckpt.meta.get("data")
+    return resolve_data_spec(spec, Path(ckpt.path_name).parent) if spec else None
+
+
 def data_for(spec: str | None, ckpt: Checkpoint) -> Dataset:
     """Load ``spec`` (or the endpoint's own data set) and check that it fits the model."""
     from modeconn.data import load_data
 
-    spec = spec or ckpt.meta.get("data") or "digits"
+    spec = spec or _recorded_data(ckpt) or "digits"
     data = load_data(spec)
     check_data_fits(data, ckpt)
     return data

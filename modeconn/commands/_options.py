@@ -21,7 +21,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from modeconn.commands._common import parse_kv
-from modeconn.fit.configs import MethodConfig, read_options
+from modeconn.fit.configs import BUDGETS, MethodConfig, read_options
 from modeconn.fit.methods import METHODS, make_config
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "option_flag",
 ]
 
-_COMMON = ("seed",)  # one flag for every method, added by add_config_flags
+_COMMON = ("seed", "budget")  # one flag each for every method, added by add_config_flags
 _DEST = "opt_"  # argparse dest of option NAME: opt_NAME
 _METAVARS = {int: "N", float: "X", str: "TEXT", bool: None}
 
@@ -142,12 +142,19 @@ def _add(container, name: str, kind: type, *, help: str, metavar: str | None = N
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, checkpoint_default: str) -> None:
-    """``--seed``, ``--config``, ``--set`` and ``--checkpoint-every``: common to every method.
+    """``--seed``, ``--budget``, ``--config``, ``--set`` and ``--checkpoint-every``: common to
+    every method.
 
     ``checkpoint_default`` says how often the fit state is saved without the flag.
     """
-    seed = MethodConfig.model_fields["seed"]
-    parser.add_argument("--seed", type=int, default=None, metavar="N", help=_help(seed))
+    fields = MethodConfig.model_fields
+    parser.add_argument("--seed", type=int, default=None, metavar="N", help=_help(fields["seed"]))
+    parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=None,
+        help=_help(fields["budget"]) + "; each method's help gives its lengths, in epochs",
+    )
     parser.add_argument(
         "--config",
         metavar="F.yaml",
@@ -189,8 +196,9 @@ def method_config(args: argparse.Namespace, method: str) -> MethodConfig:
                 f"(its options: {_listing(config)})"
             )
         params[name] = value
-    if args.seed is not None:
-        params["seed"] = args.seed
+    for common in _COMMON:
+        if getattr(args, common, None) is not None:
+            params[common] = getattr(args, common)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
     return make_config(method, **params)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from rich.table import Table
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
     add_model,
@@ -17,7 +19,7 @@ from modeconn.commands._common import (
     resolve_device,
     write_json,
 )
-from modeconn.fit.configs import MethodConfig
+from modeconn.fit.configs import BUDGETS, MethodConfig
 from modeconn.fit.methods import make_config, method_names
 
 
@@ -51,11 +53,20 @@ def register(sub) -> None:
         "(`modeconn connect --method M --help` lists M's options)",
     )
     p.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=None,
+        help="how long every method fits, unless --config gives its length: quick (minutes on "
+        "a few thousand 28x28 images), standard (the default), or paper (the papers' epochs); "
+        "`modeconn connect --method M --help` gives M's lengths",
+    )
+    p.add_argument(
         "--k", type=int, default=4, help="ensemble size for the accuracy/NLL columns (0: skip)"
     )
     p.add_argument("--points", type=int, default=61, help="t values per path (default: 61)")
     p.add_argument("--json", metavar="F", help="write the table as JSON")
     p.add_argument("--plot", metavar="F.png", help="train and test loss along t for every method")
+    add_bn_examples(p)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -63,8 +74,10 @@ def register(sub) -> None:
 def print_comparison(rows) -> None:
     table = Table(title="connection methods, same endpoints", show_edge=False)
     for col in (
+        "#",
         "path",
         "loss barrier",
+        "vs mean",
         "err barrier",
         "worst test err",
         "len (w)",
@@ -78,9 +91,11 @@ def print_comparison(rows) -> None:
         table.add_column("ens NLL", justify="right")
     for r in rows:
         cells = [
+            str(r.rank or "-"),
             r.label,
+            f"{r.loss_barrier_linear:.4f}",
             f"{r.loss_barrier:.4f}",
-            f"{100 * r.error_barrier:.2f}",
+            f"{100 * r.error_barrier_linear:.2f}",
             f"{100 * r.worst_test_error:.2f}%",
             f"{r.weight_length:.2f}",
             f"{r.prediction_length:.3f}",
@@ -94,23 +109,29 @@ def print_comparison(rows) -> None:
         table.add_row(*cells)
     console().print(table)
     print(
-        "loss barrier: max train loss along t minus the endpoints' mean; err barrier: test error, in points"
+        "ranked by loss barrier: max over t of train loss minus (1-t) L(0) + t L(1), the chord of the "
+        "endpoint losses; vs mean: max train loss minus the endpoints' mean (never below half their "
+        "gap, so near-flat paths tie there); err barrier: test error above its chord, in points"
     )
 
 
-def method_params(path: str | None) -> dict[str, MethodConfig]:
-    """The per-method options in ``path``, each validated (once) into its method's config."""
+def method_params(
+    path: str | None, *, budget: str | None = None, methods: Sequence[str] = ()
+) -> dict[str, MethodConfig]:
+    """The per-method options in ``path`` (with ``budget`` for each of ``methods`` unless the
+    file sets one), each validated (once) into its method's config."""
     from modeconn.fit.configs import read_options
 
-    if path is None:
-        return {}
-    params = read_options(path)
+    params = read_options(path) if path is not None else {}
     for method, options in params.items():
         if not isinstance(options, dict):
             raise ValueError(
                 f"{path} must map method names to option mappings; {method!r} maps to "
                 f"{type(options).__name__}"
             )
+    if budget is not None:
+        for method in methods:
+            params[method] = {"budget": budget, **params.get(method, {})}
     # bad options fail here, before any file is read
     return {method: make_config(method, **options) for method, options in params.items()}
 
@@ -120,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from modeconn.plots import plot_paths
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params = method_params(args.config)
+    params = method_params(args.config, budget=args.budget, methods=methods)
     a, b, data = load_pair(args.a, args.b, args)
     rows, evaluations = compare(
         a,
@@ -136,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         reuse=not args.no_reuse,
         eval_points=args.points,
         spec=load_spec(args.spec),
+        bn_examples=args.bn_examples,
     )
     print_comparison(rows)
     if args.json:

@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
     add_model,
@@ -71,6 +72,7 @@ def register(sub, argv: Sequence[str] = ()) -> None:
         default=61,
         help="t values for the evaluation stored in the manifest (0: skip)",
     )
+    add_bn_examples(p)
     add_device(p)
     if given and method in names:
         add_method_flags(p, method, refused=[m for m in names if m != method])
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         eval_points=args.eval_points,
+        bn_examples=args.bn_examples,
     )
     fit = artifact.manifest.fit
     print(

@@ -7,8 +7,10 @@ import argparse
 from rich.table import Table
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
+    bn_examples_for,
     check_data_fits,
     console,
     resolve_device,
@@ -26,6 +28,7 @@ def register(sub) -> None:
     p.add_argument(
         "--every", type=int, default=None, help="print every n-th row (default: about 13 rows)"
     )
+    add_bn_examples(p, recorded=True)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -72,10 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
     artifact = load_artifact(args.dir)
     m = artifact.manifest
-    spec = args.data or (m.data.name if m.data else "digits")
-    data = load_data(spec)
+    data = load_data(args.data or artifact.data_spec())
     check_data_fits(data, Checkpoint(state={}, model=m.model_spec(), meta={"file": args.dir}))
     model = artifact.build_model()
+    # The stored statistics came from the same inputs unless other data or counts are asked.
+    same = args.data is None and args.bn_examples is None
     ev = evaluate_path(
         model,
         artifact.path,
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         points=args.points,
         device=resolve_device(args.device),
         progress=args.progress,
+        bn_examples=bn_examples_for(args, m.bn_examples),
+        buffers=artifact.buffers if same else None,
     ).to_json()
     print(
         f"{args.dir}: {m.method} path ({m.basis}, {m.num_nodes} nodes) of {m.model.name} on {data.name}"

@@ -3,6 +3,10 @@
 For each artifact: endpoint A, endpoint B, the ensemble of A and B, the straight-line midpoint
 (BatchNorm reset), the path's midpoint, and the path's ensembles of each K (an FGE artifact: its
 members and ensembles) — accuracy, NLL, Brier, ECE (15 bins) and member disagreement.
+
+Computed by torch by default; ``--backend onnx`` runs the same networks with onnxruntime, from
+the artifact's serving bundle where it holds them (``modeconn serve-build``), else from graphs
+exported for the run (the same numbers, slower). One log line per artifact.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from pathlib import Path
 from rich.table import Table
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
+    bn_examples_for,
     check_data_fits,
     console,
     resolve_device,
@@ -33,8 +39,13 @@ def register(sub) -> None:
     )
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument(
-        "--backend", default="onnx", choices=("onnx", "torch"), help="who computes (default: onnx)"
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="who computes: torch, or onnxruntime on the serving bundle's graphs where there is "
+        "one, else on graphs exported for the run (default: torch)",
     )
+    add_bn_examples(p, recorded=True)
     p.add_argument("--json", metavar="F", help="write every row as JSON")
     p.add_argument(
         "--plot", metavar="F.png", help="accuracy and NLL against K, reliability diagram"
@@ -87,7 +98,11 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, list[dict]] = {}
     for directory, artifact in artifacts:
         m = artifact.manifest
-        spec = args.data or (m.data.name if m.data else "digits")
+        if args.bn_examples is not None:  # instead of the artifact's own
+            artifact.manifest = m = m.model_copy(
+                update={"bn_examples": bn_examples_for(args, m.bn_examples)}
+            )
+        spec = args.data or artifact.data_spec()
         if spec not in datasets:
             datasets[spec] = load_data(spec)
         data = datasets[spec]

@@ -7,14 +7,21 @@
     modeconn export DIR --t 0.5 --format safetensors --out merged.safetensors
 
 BatchNorm statistics come from the artifact for its served t values; other t values need
-``--data`` (the training inputs) to recompute them.
+``--data`` (the training inputs) to recompute them, from the seeded subset the artifact records
+(``--bn-examples`` for another).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from modeconn.commands._common import add_device, check_data_fits, resolve_device
+from modeconn.commands._common import (
+    add_bn_examples,
+    add_device,
+    bn_examples_for,
+    check_data_fits,
+    resolve_device,
+)
 
 
 def register(sub) -> None:
@@ -64,6 +71,7 @@ def register(sub) -> None:
         action="store_true",
         help="recompute BatchNorm statistics at every t (needs --data)",
     )
+    add_bn_examples(p, recorded=True)
     p.add_argument(
         "--atol",
         type=float,
@@ -92,10 +100,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--ensemble K needs K >= 1, got {args.ensemble}")
     if args.recompute_bn and not args.data:
         raise ValueError("--recompute-bn needs --data (the training inputs)")
+    if args.bn_examples is not None and not args.data:
+        raise ValueError("--bn-examples needs --data (the training inputs to recompute from)")
     if not args.atol >= 0:
         raise ValueError(f"--atol must be >= 0, got {args.atol}")
     device = resolve_device(args.device)
     artifact = load_artifact(args.dir)  # a corrupt artifact fails here, before any file exists
+    if args.bn_examples is not None:  # instead of the artifact's own
+        m = artifact.manifest
+        artifact.manifest = m.model_copy(
+            update={"bn_examples": bn_examples_for(args, m.bn_examples)}
+        )
     inputs = probe = None
     if args.data:
         data = load_data(args.data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
     add_model,
@@ -32,6 +33,7 @@ def register(sub) -> None:
     add_model(p)
     add_config_flags(p, checkpoint_default="once per epoch")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of --out")
+    add_bn_examples(p)
     add_device(p)
     add_method_flags(p, "fge")
     p.set_defaults(func=run)
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
+        bn_examples=args.bn_examples,
     )
     assert metrics is not None  # a point set's members are always evaluated
     fit = artifact.manifest.fit

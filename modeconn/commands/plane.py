@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 
 from modeconn.commands._common import (
+    add_bn_examples,
     add_data,
     add_device,
+    bn_examples_for,
     check_data_fits,
     resolve_device,
     write_json,
@@ -36,6 +38,7 @@ def register(sub) -> None:
     )
     p.add_argument("--plot", metavar="F.png", help="write the contour plot")
     p.add_argument("--json", metavar="F", help="write the grid and projections as JSON")
+    add_bn_examples(p, recorded=True)
     add_device(p)
     p.set_defaults(func=run)
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     artifact = load_artifact(args.dir)
     plane_basis(artifact.path)  # fail early on a path without a plane
     m = artifact.manifest
-    data = load_data(args.data or (m.data.name if m.data else "digits"))
+    data = load_data(args.data or artifact.data_spec())
     check_data_fits(data, Checkpoint(state={}, model=m.model_spec(), meta={"file": args.dir}))
     plane = loss_plane(
         artifact.build_model(),
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         device=resolve_device(args.device),
         progress=args.progress,
+        bn_examples=bn_examples_for(args, m.bn_examples),
     )
     out = plane.to_json()
     (ax, ay), (tx, ty), (bx, by) = plane.nodes

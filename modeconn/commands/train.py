@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from modeconn.checkpoint import save_checkpoint
     from modeconn.data import load_data
+    from modeconn.formats import absolute_data_spec
     from modeconn.train import TrainConfig, train_model
 
     device = resolve_device(args.device)
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(
         args.out,
         model.cpu(),
-        data=data.name,
+        data=absolute_data_spec(data.name),  # found from any working directory
         data_fingerprint=data.fingerprint(),
         seed=args.seed,
         train=config.__dict__,

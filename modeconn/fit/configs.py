@@ -9,12 +9,17 @@ them live one per module beside this one; the table that joins the two is
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "Budget",
+    "BUDGETS",
+    "Length",
     "MethodConfig",
     "LinearConfig",
     "CurveConfig",
@@ -25,9 +30,6 @@ __all__ = [
     "GeodesicConfig",
     "FGEConfig",
     "DEFAULT_CYCLES",
-    "MODEL_EPOCHS",
-    "ENERGY_EPOCHS",
-    "GEODESIC_STEPS",
     "read_options",
 ]
 
@@ -39,12 +41,59 @@ _ENGINE_HELP = (
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# Budgets: how long a fit runs, in passes over the training set
+
+Budget = Literal["quick", "standard", "paper"]
+BUDGETS: tuple[Budget, ...] = ("quick", "standard", "paper")
+
+
+@dataclass(frozen=True)
+class Length:
+    """A fit's length: ``epochs`` passes over the training set, and at least ``min_steps`` steps.
+
+    Passes are what the papers budget in, and what scales with the data; the floor gives a small
+    data set (8x8 digits: 11 steps an epoch) enough optimiser steps to converge. For an energy
+    function an epoch is 100 steps.
+    """
+
+    epochs: float
+    min_steps: int = 0
+
+    def steps(self, steps_per_epoch: int) -> int:
+        return max(self.min_steps, math.ceil(self.epochs * steps_per_epoch), 1)
+
+    def __str__(self) -> str:
+        floor = f", at least {self.min_steps:,} steps" if self.min_steps else ""
+        return f"{self.epochs:g} epochs{floor}"
+
+
+def _lengths_help(lengths: dict[Budget, Length], unit: str = "") -> str:
+    return "; ".join(f"{b}: {lengths[b]}{unit}" for b in BUDGETS)
+
+
+def _resolve_steps(
+    steps: int | None, epochs: float | None, length: Length, steps_per_epoch: int
+) -> int:
+    """``steps`` if given, else ``epochs`` passes, else the budget's ``length``."""
+    if steps is not None:
+        return steps
+    if epochs is not None:
+        return max(1, math.ceil(epochs * steps_per_epoch))
+    return length.steps(steps_per_epoch)
+
+
 class MethodConfig(BaseModel):
     """Base of every method's options: frozen, unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = Field(0, description="seed of the initial perturbation and the data order")
+    budget: Budget = Field(
+        "standard",
+        description="how long the fit runs when its length is not given: quick (a first look "
+        "in minutes), standard, or paper (the papers' passes over the data)",
+    )
 
 
 class LinearConfig(MethodConfig):
@@ -54,32 +103,33 @@ class LinearConfig(MethodConfig):
 # ---------------------------------------------------------------------------------------------
 # Garipov et al. 2018: Bezier curves and polygonal chains
 
-#: Default epochs when ``CurveConfig.epochs`` is None: over the data for a model, and of
-#: ``objective.steps_per_epoch`` (100) steps for an energy function.
-MODEL_EPOCHS = 200
-ENERGY_EPOCHS = 50
-
 
 class CurveConfig(MethodConfig):
     """Options of the ``bezier`` and ``polychain`` methods (Garipov et al. 2018).
 
     The paper (CIFAR, K = 3) used batch 128, 200-600 epochs, lr 0.015-0.03 and weight decay
-    3e-4 to 5e-4. The defaults (200 epochs, lr 0.015, wd 5e-4) fit a digits MLP in well under
-    a minute on two CPU cores. lr 0.015 rather than 0.03: a chain's middle node sees the full
+    3e-4 to 5e-4 (the ``paper`` budget is 600 epochs). The standard budget, 50 epochs and at
+    least 2,000 steps, fits a digits MLP in well under a minute on two CPU cores. lr 0.015
+    rather than 0.03: a chain's middle node sees the full
     curvature of the loss at t = 0.5 (a Bezier control point a quarter of it), and at 0.03 the
     polygonal chain on the seed's ring diverged for one seed in eight. For an energy function
-    an epoch is ``objective.steps_per_epoch`` steps (100), the default budget is 50 epochs
-    (5,000 steps), and the default optimiser is Adam: an analytic landscape has no natural
+    an epoch is ``objective.steps_per_epoch`` steps (100), the standard budget is 5,000 steps,
+    and the default optimiser is Adam: an analytic landscape has no natural
     scale (Muller-Brown's gradients are ~1e2-1e3, where SGD at lr 0.015 diverges), and Adam's
     step is invariant to it, as NEB's is.
     """
 
+    LENGTHS: ClassVar[dict[Budget, Length]] = {
+        "quick": Length(3, min_steps=300),
+        "standard": Length(50, min_steps=2000),
+        "paper": Length(600),
+    }
+
     nodes: int = Field(3, ge=3, description="control points of the curve, endpoints included (K)")
-    epochs: int | None = Field(
+    epochs: float | None = Field(
         None,
-        ge=1,
-        description=f"training epochs (default: {MODEL_EPOCHS} over the data for a model; "
-        f"{ENERGY_EPOCHS} epochs of 100 steps for an energy function)",
+        gt=0,
+        description=f"training epochs (default from the budget: {_lengths_help(LENGTHS)})",
     )
     lr: float = Field(
         0.015,
@@ -104,6 +154,10 @@ class CurveConfig(MethodConfig):
         "start, relative to the RMS of B - A per tensor",
     )
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the fit: ``epochs`` passes, else the budget's."""
+        return _resolve_steps(None, self.epochs, self.LENGTHS[self.budget], steps_per_epoch)
+
 
 # ---------------------------------------------------------------------------------------------
 # Draxler et al. 2018: NEB and AutoNEB
@@ -114,11 +168,15 @@ class CycleConfig(BaseModel):
 
     ``repeat`` runs the same entry several times in a row (each a cycle of its own, with its
     own insertion), so a schedule reads like the paper's: "4 cycles of 1000 steps at lr 0.1".
+    Its length is ``steps``, else ``epochs`` passes over the data, else the AutoNEB budget's.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(gt=0, description="NEB steps in the cycle")
+    steps: int | None = Field(default=None, gt=0, description="NEB steps in the cycle")
+    epochs: float | None = Field(
+        default=None, gt=0, description="the cycle's length in passes over the training set"
+    )
     lr: float = Field(gt=0, description="learning rate of the cycle's optimiser")
     optimizer: Literal["adam", "sgd"] = Field(
         default="adam", description="adam (scale-free step, the default) or sgd with momentum"
@@ -136,13 +194,14 @@ class CycleConfig(BaseModel):
     repeat: int = Field(default=1, ge=1, description="run this entry this many times in a row")
 
 
-#: Default AutoNEB schedule: 8 cycles of 300 Adam steps, lr 3e-3 -> 1e-3 -> 3e-4; a few minutes
-#: for two digits MLPs (64-256-256-10) on 2 CPU cores, seconds for a 2-D test surface.
+#: Default AutoNEB schedule: 8 Adam cycles, lr 3e-3 -> 1e-3 -> 3e-4, each as long as the budget
+#: says (standard: 300 steps on 8x8 digits or a 2-D test surface, a few minutes for two digits
+#: MLPs of 64-256-256-10 on 2 CPU cores).
 DEFAULT_CYCLES: tuple[CycleConfig, ...] = (
-    CycleConfig(steps=300, lr=3e-3, insert="equal", insert_count=3),
-    CycleConfig(steps=300, lr=3e-3, insert="highest", insert_count=2, repeat=3),
-    CycleConfig(steps=300, lr=1e-3, insert="highest", insert_count=2, repeat=2),
-    CycleConfig(steps=300, lr=3e-4, insert="highest", insert_count=2, repeat=2),
+    CycleConfig(lr=3e-3, insert="equal", insert_count=3),
+    CycleConfig(lr=3e-3, insert="highest", insert_count=2, repeat=3),
+    CycleConfig(lr=1e-3, insert="highest", insert_count=2, repeat=2),
+    CycleConfig(lr=3e-4, insert="highest", insert_count=2, repeat=2),
 )
 
 
@@ -164,24 +223,40 @@ class ChainConfig(MethodConfig):
     )
     engine: Engine = Field("auto", description=_ENGINE_HELP)
 
-    def schedule(self) -> list[CycleConfig]:
+    def schedule(self, steps_per_epoch: int) -> list[CycleConfig]:
+        """The cycles to run, each with its number of ``steps`` set."""
         raise NotImplementedError
 
 
 class NEBConfig(ChainConfig):
     """Plain NEB: ``nodes`` pivots (endpoints included), one optimiser, no insertion."""
 
+    LENGTHS: ClassVar[dict[Budget, Length]] = {
+        "quick": Length(3, min_steps=200),
+        "standard": Length(15, min_steps=1500),
+        "paper": Length(40),  # the reference schedule's first cycles: 4 x 1,000 steps of CIFAR
+    }
+
     nodes: int = Field(9, ge=3, description="pivots of the chain, endpoints included")
-    steps: int = Field(1500, gt=0, description="NEB steps")
+    steps: int | None = Field(
+        None, gt=0, description="NEB steps (default from --epochs, else from the budget)"
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description=f"passes over the training set (default from the budget: "
+        f"{_lengths_help(LENGTHS)})",
+    )
     lr: float = Field(3e-3, gt=0, description="learning rate (of Adam by default)")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam or sgd (with momentum)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
     weight_decay: float = Field(0.0, ge=0, description="0.5*wd*|w|^2 added to the loss")
 
-    def schedule(self) -> list[CycleConfig]:
+    def schedule(self, steps_per_epoch: int) -> list[CycleConfig]:
+        steps = _resolve_steps(self.steps, self.epochs, self.LENGTHS[self.budget], steps_per_epoch)
         return [
             CycleConfig(
-                steps=self.steps,
+                steps=steps,
                 lr=self.lr,
                 optimizer=self.optimizer,
                 momentum=self.momentum,
@@ -193,11 +268,22 @@ class NEBConfig(ChainConfig):
 
 
 class AutoNEBConfig(ChainConfig):
-    """AutoNEB: a schedule of NEB cycles that insert pivots where the chain needs them."""
+    """AutoNEB: a schedule of NEB cycles that insert pivots where the chain needs them.
+
+    The reference schedule (ResNet-20 on CIFAR-10) ran 14 cycles, ~16,000 steps at batch 512:
+    about 12 passes over the data a cycle, the ``paper`` budget.
+    """
+
+    LENGTHS: ClassVar[dict[Budget, Length]] = {
+        "quick": Length(0.5, min_steps=40),
+        "standard": Length(3, min_steps=300),
+        "paper": Length(12),
+    }
 
     cycles: list[CycleConfig] = Field(
         default_factory=lambda: list(DEFAULT_CYCLES),
-        description="the cycle schedule (from --config FILE.yaml)",
+        description="the cycle schedule (from --config FILE.yaml); a cycle without steps or "
+        f"epochs runs the budget's length ({_lengths_help(LENGTHS, ' a cycle')})",
     )
     insert_threshold: float = Field(
         0.01,
@@ -231,29 +317,46 @@ class AutoNEBConfig(ChainConfig):
             )
         return self
 
-    def schedule(self) -> list[CycleConfig]:
-        return [c for c in self.cycles for _ in range(c.repeat)]
+    def schedule(self, steps_per_epoch: int) -> list[CycleConfig]:
+        length = self.LENGTHS[self.budget]
+        return [
+            c.model_copy(
+                update={"steps": _resolve_steps(c.steps, c.epochs, length, steps_per_epoch)}
+            )
+            for c in self.cycles
+            for _ in range(c.repeat)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Tan et al. 2023: geodesic chains
 
-#: Default step budget. The paper ran ~3,900 steps (20 epochs of CIFAR-10 at batch 256). 1,500
-#: steps over 25 digits MLPs take ~1.5 min at width 256 (~60 ms a step on 2 idle CPU cores) and
-#: well under a minute at width 16.
-GEODESIC_STEPS = 1500
-
 
 class GeodesicConfig(MethodConfig):
-    """Options of the geodesic method (Tan et al. 2023); defaults are the paper's."""
+    """Options of the geodesic method (Tan et al. 2023); defaults are the paper's.
+
+    The paper ran 20 epochs of CIFAR-10 at batch 256 (~3,900 steps), the ``paper`` budget. A
+    small data set needs more passes: the standard budget's floor of 1,500 steps over 25 digits
+    MLPs takes ~1.5 min at width 256 (~60 ms a step on 2 idle CPU cores).
+    """
+
+    LENGTHS: ClassVar[dict[Budget, Length]] = {
+        "quick": Length(1, min_steps=100),
+        "standard": Length(5, min_steps=1500),
+        "paper": Length(20),
+    }
 
     nodes: int = Field(
         25, ge=2, description="models on the chain, endpoints included (the paper's N = 25)"
     )
-    steps: int = Field(
-        GEODESIC_STEPS,
-        ge=0,
-        description="optimiser steps (~3,900 in the paper; a budget in steps suits small data)",
+    steps: int | None = Field(
+        None, ge=0, description="optimiser steps (default from --epochs, else from the budget)"
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description=f"passes over the training set (default from the budget: "
+        f"{_lengths_help(LENGTHS)})",
     )
     lr: float = Field(0.1, gt=0, description="learning rate (the paper's 0.1 with plain SGD)")
     optimizer: Literal["sgd", "adam"] = Field(
@@ -283,6 +386,10 @@ class GeodesicConfig(MethodConfig):
         description="training inputs (a fixed, evenly strided subset) for the lengths in the stats",
     )
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of the fit: ``steps``, else ``epochs`` passes, else the budget's."""
+        return _resolve_steps(self.steps, self.epochs, self.LENGTHS[self.budget], steps_per_epoch)
+
 
 # ---------------------------------------------------------------------------------------------
 # Garipov et al. 2018, section 5: Fast Geometric Ensembling
@@ -293,16 +400,22 @@ class FGEConfig(MethodConfig):
 
     The paper's cycles of 2-4 epochs are 800-1,600 steps on CIFAR; a digits epoch is 11 steps,
     and 4-epoch cycles leave the members almost identical (6 members from a width-16 digits
-    MLP: ensemble test NLL 0.1598, start 0.1597), so the default cycle is 20 epochs (0.1582;
-    width 256: 0.1004 vs 0.1045). On large data sets set ``cycle_epochs`` to 2-4.
+    MLP: ensemble test NLL 0.1598, start 0.1597), so a standard cycle is 4 epochs but at least
+    220 steps (20 digits epochs: 0.1582; width 256: 0.1004 vs 0.1045).
     """
 
+    LENGTHS: ClassVar[dict[Budget, Length]] = {
+        "quick": Length(1, min_steps=60),
+        "standard": Length(4, min_steps=220),
+        "paper": Length(4),
+    }
+
     cycles: int = Field(6, ge=2, description="number of cycles = ensemble members")
-    cycle_epochs: int = Field(
-        20,
-        ge=1,
-        description="epochs per cycle (the paper: 2 to 4 CIFAR epochs, ~800-1,600 steps; "
-        "20 digits epochs are 220 steps)",
+    cycle_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="epochs per cycle (the paper: 2 to 4 CIFAR epochs, ~800-1,600 steps; default "
+        f"from the budget: {_lengths_help(LENGTHS, ' a cycle')})",
     )
     lr1: float = Field(0.05, gt=0, description="learning rate at the start and end of a cycle")
     lr2: float = Field(
@@ -311,6 +424,10 @@ class FGEConfig(MethodConfig):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     batch_size: int = Field(128, ge=1, description="mini-batch size")
+
+    def cycle_steps(self, steps_per_epoch: int) -> int:
+        """Optimiser steps of one cycle: ``cycle_epochs`` passes, else the budget's."""
+        return _resolve_steps(None, self.cycle_epochs, self.LENGTHS[self.budget], steps_per_epoch)
 
 
 def read_options(path: str | os.PathLike) -> dict:

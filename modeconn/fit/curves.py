@@ -27,7 +27,7 @@ import time
 import torch
 from torch import Tensor
 
-from modeconn.fit.configs import ENERGY_EPOCHS, MODEL_EPOCHS, CurveConfig
+from modeconn.fit.configs import CurveConfig
 from modeconn.fit.objective import Objective
 from modeconn.fit.state import (
     BatchStream,
@@ -47,18 +47,10 @@ from modeconn.types import Batch, StateDict
 __all__ = [
     "CurveTrainer",
     "curve_lr_factor",
-    "resolved_epochs",
     "fit_curve",
     "fit_bezier",
     "fit_polychain",
 ]
-
-
-def resolved_epochs(config: CurveConfig, objective: Objective) -> int:
-    """The epoch budget of a fit: ``config.epochs`` or the default for the objective's kind."""
-    if config.epochs is not None:
-        return config.epochs
-    return ENERGY_EPOCHS if objective.is_vector else MODEL_EPOCHS
 
 
 def curve_lr_factor(progress: float) -> float:
@@ -218,8 +210,8 @@ def fit_curve(
         basis=basis,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    epochs, per_epoch = resolved_epochs(config, objective), objective.steps_per_epoch
-    total = epochs * per_epoch
+    per_epoch = objective.steps_per_epoch
+    total = config.total_steps(per_epoch)
     stream = BatchStream(objective, torch.Generator().manual_seed(config.seed + 1))
     t_draws = torch.Generator().manual_seed(config.seed + 2)  # one t per step
     a, b = trainer.nodes[0], trainer.nodes[-1]
@@ -243,8 +235,8 @@ def fit_curve(
         state.save({"step": step, **progress}, tensors, {"loss_history": history})
 
     started = time.perf_counter()
-    with progress_bar(epochs, f"fit {basis}", enabled=ctx.progress) as bar:
-        bar.advance(step // per_epoch)
+    with progress_bar(total, f"fit {basis}", enabled=ctx.progress) as bar:
+        bar.skip(step - step % per_epoch)
         while step < total:
             batch = stream.next()
             t = float(torch.rand((), generator=t_draws, dtype=torch.float64))
@@ -260,14 +252,17 @@ def fit_curve(
                     )
                 history.append(round(mean, 6))
                 running.zero_()
-                bar.advance(1, loss=mean)
+                bar.advance(per_epoch, loss=mean)
+            elif step == total:
+                bar.advance(step % per_epoch)
             if state.due(step) or step == total:
                 save()
     ctx.stats.update(
         {
             "basis": basis,
             "num_nodes": config.nodes,
-            "epochs": epochs,
+            "budget": config.budget,
+            "epochs": round(total / per_epoch, 3),
             "steps": total,
             "gradient_evaluations": total,
             "loss_history": thin(history),

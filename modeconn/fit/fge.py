@@ -1,7 +1,7 @@
 """Fast Geometric Ensembling (Garipov et al. 2018, arXiv 1802.10026, section 5).
 
 From one trained network, SGD continues with a triangular cyclical learning rate: within each
-cycle of ``cycle_epochs`` epochs it falls linearly from ``lr1`` to ``lr2`` at mid-cycle and
+cycle (``cycle_epochs`` epochs, or the budget's length) it falls linearly from ``lr1`` to ``lr2`` at mid-cycle and
 rises back to ``lr1``; a member is collected at each low point. The members lie close to each
 other in weight space but make different mistakes, so their averaged softmax beats the
 starting network at the cost of a few epochs. The result is a :class:`~modeconn.paths.PointSet`
@@ -66,7 +66,7 @@ def fit_fge(
         weight_decay=config.weight_decay,
     )
     stream = BatchStream(objective, torch.Generator().manual_seed(config.seed))
-    cycle_steps = config.cycle_epochs * objective.steps_per_epoch
+    cycle_steps = config.cycle_steps(objective.steps_per_epoch)
     total = config.cycles * cycle_steps
     # A member is taken after this many steps of a cycle, when the rate has come down to lr2
     # (the last step before it ran at t = 0.5 - 1/cycle_steps, as in the reference code).
@@ -104,8 +104,8 @@ def fit_fge(
 
     started = time.perf_counter()
     per_epoch = objective.steps_per_epoch
-    with progress_bar(config.cycles, "FGE", enabled=ctx.progress) as bar:
-        bar.advance(step // cycle_steps)
+    with progress_bar(total, "FGE", enabled=ctx.progress) as bar:
+        bar.skip(step - step % per_epoch)
         while step < total:
             in_cycle = step % cycle_steps
             optimizer.param_groups[0]["lr"] = fge_lr(in_cycle / cycle_steps, config.lr1, config.lr2)
@@ -126,15 +126,18 @@ def fit_fge(
                     )
                 history.append(round(mean, 6))
                 running.zero_()
-            if step % cycle_steps == 0:
-                bar.advance(1, loss=history[-1])
+                bar.advance(per_epoch, loss=mean)
+            elif step == total:
+                bar.advance(step % per_epoch)
             if state.due(step) or step == total:
                 save()
     ctx.stats.update(
         {
             "members": len(members),
             "cycles": config.cycles,
-            "cycle_epochs": config.cycle_epochs,
+            "budget": config.budget,
+            "cycle_epochs": round(cycle_steps / objective.steps_per_epoch, 3),
+            "cycle_steps": cycle_steps,
             "steps": total,
             "gradient_evaluations": total,
             "collect_step_in_cycle": collect_at,

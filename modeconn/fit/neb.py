@@ -300,7 +300,7 @@ def fit_chain(
     a, b = layout.flatten(start), layout.flatten(end)  # (D,)
     if bool(torch.equal(a, b)):
         raise ValueError("start and end are the same point: there is no path to fit")
-    schedule = config.schedule()
+    schedule = config.schedule(objective.steps_per_epoch)
     evaluator = Evaluator(objective, layout, config.engine)
     stream = BatchStream(objective, torch.Generator().manual_seed(config.seed))
     eval_batch = _eval_batch(objective, config)
@@ -377,6 +377,8 @@ class _CycleRun:
 
     def steps(self, ctx: FitContext, fit_state: FitState, name: str) -> None:
         state, cycle = self.state, self.cycle
+        total = cycle.steps
+        assert total is not None, "the schedule sets every cycle's steps"
         chain = state.chain  # (P, D); the optimiser holds the view chain[1:-1]
         # The endpoints never move: their energies (for the tangents at the first and last
         # interior pivots) are computed once per cycle -- exactly for an energy, on the fixed
@@ -386,12 +388,12 @@ class _CycleRun:
         n_inner = len(chain) - 2
         if n_inner == 0:  # nothing was inserted between the endpoints: nothing to move
             log.info("%s cycle %d: no interior pivots, no steps", name, state.cycle + 1)
-            state.step = cycle.steps
+            state.step = total
             return
         description = f"{name} cycle {state.cycle + 1}/{self.num_cycles} ({len(chain)} pivots)"
-        with progress_bar(cycle.steps, description, enabled=ctx.progress) as bar:
-            bar.advance(state.step)
-            while state.step < cycle.steps:
+        with progress_bar(total, description, enabled=ctx.progress) as bar:
+            bar.skip(state.step)
+            while state.step < total:
                 batch = self.stream.next()
                 losses = _neb_step(
                     chain, state.weights, self.evaluator, self.optimiser, batch, ends
@@ -401,9 +403,9 @@ class _CycleRun:
                 state.stats["gradient_evaluations"] += n_inner
                 if ctx.progress:
                     bar.advance(1, max_loss=float(losses.max()))
-                if state.step % 50 == 0 or state.step == cycle.steps:
+                if state.step % 50 == 0 or state.step == total:
                     _check_finite(chain, state, cycle, name)
-                if fit_state.due(state.step) and state.step < cycle.steps:
+                if fit_state.due(state.step) and state.step < total:
                     _save(fit_state, state, self.optimiser, self.stream)
         state.stats["engine"] = self.evaluator.mode
 
