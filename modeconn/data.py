@@ -251,11 +251,12 @@ def _load_npz(path_str: str) -> Dataset:
     if len(y_tr) == 0:
         raise ValueError(f"{path}: x_train is empty")
     num_classes = _npz_classes(path, y_tr, y_te, declared)
-    if x_tr.dtype == np.uint8 and int(x_tr.max(initial=0)) > 1:
+    if np.issubdtype(x_tr.dtype, np.integer) and int(x_tr.max(initial=0)) > 1:
         log.warning(
-            "%s: x_train holds uint8 values up to %d, used as they are; networks usually train "
+            "%s: x_train holds %s values up to %d, used as they are; networks usually train "
             "on values scaled to [0, 1] (store x / 255 as float32)",
             path,
+            x_tr.dtype,
             int(x_tr.max()),
         )
     return Dataset(

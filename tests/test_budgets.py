@@ -57,7 +57,7 @@ def test_a_given_length_beats_the_budget():
     assert make_config("fge", cycle_epochs=2).cycle_steps(30) == 60
     cycles = [{"steps": 9, "lr": 0.01}, {"epochs": 2, "lr": 0.01}, {"lr": 0.01}]
     schedule = make_config("autoneb", budget="quick", cycles=cycles).schedule(100)
-    assert [c.steps for c in schedule] == [9, 200, 50]  # quick: half an epoch a cycle
+    assert [c.steps for c in schedule] == [9, 200, 25]  # quick: a quarter of an epoch a cycle
 
 
 def test_length_reads_as_the_help_shows_it():
@@ -96,6 +96,20 @@ def test_the_budget_flag_reaches_every_methods_options():
     assert method_config(args, "geodesic").budget == "quick"
     args = _cli_args(["connect", "a", "b", "--method", "neb", "--out", "x"])
     assert method_config(args, "neb").budget == "standard"
+
+
+def test_a_quick_look_evaluates_fewer_points():
+    from modeconn.commands._options import eval_points
+
+    assert [eval_points(None, b) for b in BUDGETS] == [21, 61, 61]
+    assert eval_points(7, "quick") == 7 and eval_points(0, "standard") == 0  # 0: no evaluation
+
+
+def test_a_quick_look_evaluates_chains_on_fewer_examples():
+    for method in ("neb", "autoneb"):
+        sizes = [make_config(method, budget=b).dense_examples() for b in BUDGETS]  # type: ignore[attr-defined]
+        assert sizes == [512, 2048, 2048]
+        assert make_config(method, budget="quick", eval_size=0).dense_examples() == 0  # type: ignore[attr-defined]
 
 
 def test_compare_sets_the_budget_unless_the_options_file_does(tmp_path):

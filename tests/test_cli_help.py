@@ -51,7 +51,7 @@ def test_connect_help_shows_only_the_chosen_methods_options(capsys, monkeypatch)
     steps = GeodesicConfig.model_fields["steps"].description
     assert steps is not None and steps in text
     # the budget's lengths, in epochs with their floors of steps, are in the help
-    assert "standard: 5 epochs, at least 1,500 steps" in " ".join(text.split())
+    assert "standard: 5 epochs, at least 200 steps" in " ".join(text.split())
     assert "--budget {quick,standard,paper}" in text
     for other in ("--subsample", "--cycle-epochs", "NEB steps"):
         assert other not in text

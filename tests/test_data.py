@@ -84,6 +84,10 @@ def test_npz_stray_labels_and_raw_bytes_are_named(tmp_path, caplog):
     assert data.num_classes == 4
     assert "classes [3] have [1] training examples" in caplog.text
     assert "uint8 values up to" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeconn"):
+        load_data(_write_npz(tmp_path / "i.npz", x_train=x_train[:20].astype(np.int64)))
+    assert "int64 values up to" in caplog.text  # any integer pixels, not only bytes
     declared = _write_npz(
         tmp_path / "e.npz", y_train=y_train, x_train=x_train, num_classes=np.array(3)
     )

@@ -21,10 +21,11 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from modeconn.commands._common import parse_kv
-from modeconn.fit.configs import BUDGETS, MethodConfig, read_options
+from modeconn.fit.configs import BUDGETS, EVAL_POINTS, MethodConfig, read_options
 from modeconn.fit.methods import METHODS, make_config
 
 __all__ = [
+    "eval_points",
     "requested_method",
     "add_method_flags",
     "add_config_flags",
@@ -174,6 +175,11 @@ def add_config_flags(parser: argparse.ArgumentParser, *, checkpoint_default: str
         metavar="N",
         help=f"steps between saves of the resumable fit state (default: {checkpoint_default})",
     )
+
+
+def eval_points(given: int | None, budget: str) -> int:
+    """The evaluation's number of t values: ``given``, else the budget's."""
+    return given if given is not None else EVAL_POINTS[budget]  # type: ignore[index]
 
 
 def method_config(args: argparse.Namespace, method: str) -> MethodConfig:

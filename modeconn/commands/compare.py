@@ -19,6 +19,7 @@ from modeconn.commands._common import (
     resolve_device,
     write_json,
 )
+from modeconn.commands._options import eval_points
 from modeconn.fit.configs import BUDGETS, MethodConfig
 from modeconn.fit.methods import make_config, method_names
 
@@ -63,7 +64,13 @@ def register(sub) -> None:
     p.add_argument(
         "--k", type=int, default=4, help="ensemble size for the accuracy/NLL columns (0: skip)"
     )
-    p.add_argument("--points", type=int, default=61, help="t values per path (default: 61)")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=None,
+        metavar="N",
+        help="t values per path (default: 21 with --budget quick, else 61)",
+    )
     p.add_argument("--json", metavar="F", help="write the table as JSON")
     p.add_argument("--plot", metavar="F.png", help="train and test loss along t for every method")
     add_bn_examples(p)
@@ -155,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         progress=args.progress,
         reuse=not args.no_reuse,
-        eval_points=args.points,
+        eval_points=eval_points(args.points, args.budget or "standard"),
         spec=load_spec(args.spec),
         bn_examples=args.bn_examples,
     )

@@ -23,6 +23,7 @@ from modeconn.commands._common import (
 from modeconn.commands._options import (
     add_config_flags,
     add_method_flags,
+    eval_points,
     method_config,
     requested_method,
 )
@@ -69,8 +70,10 @@ def register(sub, argv: Sequence[str] = ()) -> None:
     p.add_argument(
         "--eval-points",
         type=int,
-        default=61,
-        help="t values for the evaluation stored in the manifest (0: skip)",
+        default=None,
+        metavar="N",
+        help="t values for the evaluation stored in the manifest (0: skip; default: 21 with "
+        "--budget quick, else 61)",
     )
     add_bn_examples(p)
     add_device(p)
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
-        eval_points=args.eval_points,
+        eval_points=eval_points(args.eval_points, config.budget),
         bn_examples=args.bn_examples,
     )
     fit = artifact.manifest.fit

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "Budget",
     "BUDGETS",
+    "EVAL_POINTS",
     "Length",
     "MethodConfig",
     "LinearConfig",
@@ -46,6 +47,10 @@ _ENGINE_HELP = (
 
 Budget = Literal["quick", "standard", "paper"]
 BUDGETS: tuple[Budget, ...] = ("quick", "standard", "paper")
+#: t values of the evaluation along a path, per budget: a quick look evaluates 21 points, a
+#: third of the work of Garipov et al.'s 61 (which the evaluation of a small CNN on a few
+#: thousand 28x28 images spends about a second on each).
+EVAL_POINTS: dict[Budget, int] = {"quick": 21, "standard": 61, "paper": 61}
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,26 @@ class Length:
 
     def __str__(self) -> str:
         floor = f", at least {self.min_steps:,} steps" if self.min_steps else ""
-        return f"{self.epochs:g} epochs{floor}"
+        unit = "epoch" if self.epochs == 1 else "epochs"
+        return f"{self.epochs:g} {unit}{floor}"
 
 
 def _lengths_help(lengths: dict[Budget, Length], unit: str = "") -> str:
     return "; ".join(f"{b}: {lengths[b]}{unit}" for b in BUDGETS)
+
+
+def _epochs_field(lengths: dict[Budget, Length], what: str = "passes over the training set"):
+    """An optional length in epochs, whose help gives the budget's lengths."""
+    return Field(
+        None, gt=0, description=f"{what} (default from the budget: {_lengths_help(lengths)})"
+    )
+
+
+def _steps_field(what: str, *, least: int = 0):
+    """An optional length in steps, which overrides the epochs and the budget."""
+    return Field(
+        None, ge=least, description=f"{what} (default from --epochs, else from the budget)"
+    )
 
 
 def _resolve_steps(
@@ -126,11 +146,7 @@ class CurveConfig(MethodConfig):
     }
 
     nodes: int = Field(3, ge=3, description="control points of the curve, endpoints included (K)")
-    epochs: float | None = Field(
-        None,
-        gt=0,
-        description=f"training epochs (default from the budget: {_lengths_help(LENGTHS)})",
-    )
+    epochs: float | None = _epochs_field(LENGTHS, "training epochs")
     lr: float = Field(
         0.015,
         gt=0,
@@ -195,8 +211,9 @@ class CycleConfig(BaseModel):
 
 
 #: Default AutoNEB schedule: 8 Adam cycles, lr 3e-3 -> 1e-3 -> 3e-4, each as long as the budget
-#: says (standard: 300 steps on 8x8 digits or a 2-D test surface, a few minutes for two digits
-#: MLPs of 64-256-256-10 on 2 CPU cores).
+#: says (standard: 3 epochs, at least 60 steps: 300 on a 2-D test surface, 105 on 4,500
+#: images at batch 128). The demo's cycles of 300 steps take a few minutes for two digits MLPs
+#: of 64-256-256-10 on 2 CPU cores.
 DEFAULT_CYCLES: tuple[CycleConfig, ...] = (
     CycleConfig(lr=3e-3, insert="equal", insert_count=3),
     CycleConfig(lr=3e-3, insert="highest", insert_count=2, repeat=3),
@@ -218,8 +235,11 @@ class ChainConfig(MethodConfig):
     subsample: int = Field(
         9, ge=1, description="points evaluated between neighbouring pivots (insertion, barrier)"
     )
-    eval_size: int = Field(
-        2048, ge=0, description="training examples for the dense loss between pivots (0: all)"
+    eval_size: int | None = Field(
+        None,
+        ge=0,
+        description="training examples for the dense loss between pivots (0: all; default: "
+        "512 with the quick budget, else 2048)",
     )
     engine: Engine = Field("auto", description=_ENGINE_HELP)
 
@@ -227,26 +247,26 @@ class ChainConfig(MethodConfig):
         """The cycles to run, each with its number of ``steps`` set."""
         raise NotImplementedError
 
+    def dense_examples(self) -> int:
+        """Training examples of the dense loss between pivots: ``eval_size``, else the budget's
+        (0: all of them)."""
+        if self.eval_size is not None:
+            return self.eval_size
+        return 512 if self.budget == "quick" else 2048
+
 
 class NEBConfig(ChainConfig):
     """Plain NEB: ``nodes`` pivots (endpoints included), one optimiser, no insertion."""
 
     LENGTHS: ClassVar[dict[Budget, Length]] = {
-        "quick": Length(3, min_steps=200),
-        "standard": Length(15, min_steps=1500),
+        "quick": Length(1, min_steps=60),
+        "standard": Length(15, min_steps=300),
         "paper": Length(40),  # the reference schedule's first cycles: 4 x 1,000 steps of CIFAR
     }
 
     nodes: int = Field(9, ge=3, description="pivots of the chain, endpoints included")
-    steps: int | None = Field(
-        None, gt=0, description="NEB steps (default from --epochs, else from the budget)"
-    )
-    epochs: float | None = Field(
-        None,
-        gt=0,
-        description=f"passes over the training set (default from the budget: "
-        f"{_lengths_help(LENGTHS)})",
-    )
+    steps: int | None = _steps_field("NEB steps", least=1)
+    epochs: float | None = _epochs_field(LENGTHS)
     lr: float = Field(3e-3, gt=0, description="learning rate (of Adam by default)")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam or sgd (with momentum)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
@@ -275,8 +295,8 @@ class AutoNEBConfig(ChainConfig):
     """
 
     LENGTHS: ClassVar[dict[Budget, Length]] = {
-        "quick": Length(0.5, min_steps=40),
-        "standard": Length(3, min_steps=300),
+        "quick": Length(0.25, min_steps=15),
+        "standard": Length(3, min_steps=60),
         "paper": Length(12),
     }
 
@@ -336,28 +356,22 @@ class GeodesicConfig(MethodConfig):
     """Options of the geodesic method (Tan et al. 2023); defaults are the paper's.
 
     The paper ran 20 epochs of CIFAR-10 at batch 256 (~3,900 steps), the ``paper`` budget. A
-    small data set needs more passes: the standard budget's floor of 1,500 steps over 25 digits
-    MLPs takes ~1.5 min at width 256 (~60 ms a step on 2 idle CPU cores).
+    small data set needs more passes: the standard budget has a floor of 200 steps (25 small
+    CNNs on 28x28 inputs: ~2.5 s a step on 2 CPU cores); the demo's 1,500 steps over 25 digits
+    MLPs take ~1.5 min at width 256 (~60 ms a step).
     """
 
     LENGTHS: ClassVar[dict[Budget, Length]] = {
-        "quick": Length(1, min_steps=100),
-        "standard": Length(5, min_steps=1500),
+        "quick": Length(0.5, min_steps=30),
+        "standard": Length(5, min_steps=200),
         "paper": Length(20),
     }
 
     nodes: int = Field(
         25, ge=2, description="models on the chain, endpoints included (the paper's N = 25)"
     )
-    steps: int | None = Field(
-        None, ge=0, description="optimiser steps (default from --epochs, else from the budget)"
-    )
-    epochs: float | None = Field(
-        None,
-        gt=0,
-        description=f"passes over the training set (default from the budget: "
-        f"{_lengths_help(LENGTHS)})",
-    )
+    steps: int | None = _steps_field("optimiser steps")
+    epochs: float | None = _epochs_field(LENGTHS)
     lr: float = Field(0.1, gt=0, description="learning rate (the paper's 0.1 with plain SGD)")
     optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="sgd (the paper's, plain by default) or adam"

@@ -32,7 +32,7 @@ puts ``insert_count`` pivots evenly into every gap; **NEB** is a single such cyc
 :mod:`modeconn.fit.autoneb`, which passes it in. A pivot inserted at fraction ``a`` of a gap
 splits that gap's share of the arc length ``a : 1-a``, so inserted pivots stay where they were
 needed. The dense losses (insertion, and the barrier recorded per cycle) are the plain loss on
-a fixed, seeded subset of ``eval_size`` training examples, or the energy itself.
+a fixed, seeded subset of training examples (``eval_size``), or the energy itself.
 
 Initialisation: the interior pivots start on the straight line plus a small seeded bump
 ``init_noise * |B - A| * sin(pi s) * u`` (``u`` a random unit vector, ``s`` the pivot's
@@ -503,7 +503,8 @@ def _eval_batch(objective: Objective, config: ChainConfig) -> Batch | None:
     if objective.data is None:
         return None
     x, y = objective.data.x_train, objective.data.y_train
-    n = len(y) if config.eval_size == 0 else min(config.eval_size, len(y))
+    size = config.dense_examples()
+    n = len(y) if size == 0 else min(size, len(y))
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed + 1))
     idx = order[:n].sort().values
     return x[idx].to(objective.device), y[idx].to(objective.device)
