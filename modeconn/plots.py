@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_paths", "plot_ensembles", "paths_figure", "ensembles_figure"]
+__all__ = [
+    "plot_paths",
+    "plot_ensembles",
+    "plot_cascade",
+    "paths_figure",
+    "ensembles_figure",
+    "cascade_figure",
+]
 
 # tab10 without its grey (kept for references) and with its olive last: 9 colours; with 11
 # markers every (colour, marker) pair differs for the first 99 paths.
@@ -406,3 +413,73 @@ def plot_ensembles(
     on the edge and its value given in the legend. Legends sit below the panels.
     """
     _save(ensembles_figure(results, title=title), out)
+
+
+def cascade_figure(results: dict[str, dict], *, title: str = "") -> Figure:
+    """The figure of :func:`plot_cascade`, for saving elsewhere or showing in a notebook."""
+    plt = _pyplot()
+
+    fig, (ax_acc, ax_nll) = plt.subplots(1, 2, figsize=(13, 5.6), layout="constrained")
+    for i, (label, sweep) in enumerate(results.items()):
+        color, marker = _style(i)
+        for points, name, style in (
+            (sweep.get("cascade", []), f"{label} cascade ({sweep.get('rule', '')})", "-"),
+            (
+                sweep.get("plain", []),
+                f"{label} plain K=1..{sweep.get('k', '')} (cascade order)",
+                "--",
+            ),
+        ):
+            points = sorted(points, key=lambda p: p["cost"])
+            costs = [p["cost"] for p in points]
+            filled = style == "-"
+            common = {
+                "color": color,
+                "marker": marker,
+                "ls": style,
+                "lw": 2 if filled else 1.2,
+                "ms": 6,
+                "mfc": color if filled else "white",
+            }
+            _line(ax_acc, costs, [100 * p["accuracy"] for p in points], label=name, **common)
+            _line(ax_nll, costs, [p["nll"] for p in points], **common)
+        s = sweep.get("suggestion")
+        chosen = [p for p in sweep.get("cascade", []) if s and p["threshold"] == s["threshold"]]
+        if s and chosen:  # on this plot's data: the held-out figures are in the table and JSON
+            for ax, value in ((ax_acc, 100 * chosen[0]["accuracy"]), (ax_nll, chosen[0]["nll"])):
+                ax.plot(
+                    [chosen[0]["cost"]],
+                    [value],
+                    marker="*",
+                    ms=16,
+                    color=color,
+                    mec="black",
+                    ls="none",
+                    label=f"{label} suggested threshold {s['threshold']:g}"
+                    if ax is ax_acc
+                    else None,
+                )
+    ax_acc.set(
+        xlabel="cost (members run per input)",
+        ylabel="accuracy (%)",
+        title="accuracy against cost",
+    )
+    ax_nll.set(xlabel="cost (members run per input)", ylabel="NLL", title="NLL against cost")
+    for ax in (ax_acc, ax_nll):
+        ax.grid(alpha=0.3)
+    if ax_acc.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncol=3, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_cascade(results: dict[str, dict], out: str | os.PathLike, *, title: str = "") -> None:
+    """Accuracy and NLL against cost for cascades and for plain ensembles of each K.
+
+    ``results`` maps an artifact's label to its sweep (``CascadeSweep.to_json()``): the cascade
+    over its thresholds is a solid line, the plain ensembles of the first 1..K members (in
+    cascade order, cost K) a dashed one on the same axes; a star marks the suggested threshold
+    (its point on the same data; the held-out figures are in the sweep's ``suggestion``).
+    """
+    _save(cascade_figure(results, title=title), out)
