@@ -135,28 +135,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_rows(args: argparse.Namespace) -> int:
-    from modeconn.artifact import load_artifact
-    from modeconn.checkpoint import Checkpoint
-    from modeconn.data import Dataset, load_data
     from modeconn.plots import plot_ensembles
     from modeconn.report import evaluate_artifact
 
     ks = parse_ks(args.k or "2,4,8")
     device = resolve_device(args.device)
-    artifacts = [(d, load_artifact(d)) for d in args.dirs]  # fail early on a bad directory
-    datasets: dict[str, Dataset] = {}
     results: dict[str, list[dict]] = {}
-    for directory, artifact in artifacts:
+    for directory, artifact, data in _load(args):
         m = artifact.manifest
-        if args.bn_examples is not None:  # instead of the artifact's own
-            artifact.manifest = m = m.model_copy(
-                update={"bn_examples": bn_examples_for(args, m.bn_examples)}
-            )
-        spec = args.data or artifact.data_spec()
-        if spec not in datasets:
-            datasets[spec] = load_data(spec)
-        data = datasets[spec]
-        check_data_fits(data, Checkpoint(state={}, model=m.model_spec(), meta={"file": directory}))
         rows = evaluate_artifact(
             artifact, data, ks, split=args.split, backend=args.backend, device=device
         )
