@@ -327,6 +327,7 @@ def export_ensemble(
     probe: Tensor | None = None,
     atol: float = 1e-4,
     device: torch.device | str | None = None,
+    log_level: int = logging.INFO,
 ) -> ExportResult:
     """Write the K-member ensemble along ``artifact``'s path as one ONNX graph.
 
@@ -356,6 +357,7 @@ def export_ensemble(
         manifest=manifest,
         probe=probe,
         atol=atol,
+        log_level=log_level,
     )
 
 
@@ -370,6 +372,7 @@ def export_merged(
     probe: Tensor | None = None,
     atol: float = 1e-4,
     device: torch.device | str | None = None,
+    log_level: int = logging.INFO,
 ) -> ExportResult:
     """Write the merged model at ``t``: an ONNX graph, or (``format="safetensors"``) an
     endpoint checkpoint that every ``modeconn`` command reads like a trained endpoint."""
@@ -401,4 +404,5 @@ def export_merged(
         manifest=manifest,
         probe=probe,
         atol=atol,
+        log_level=log_level,
     )

@@ -275,9 +275,14 @@ def build_serving(
             file = ensemble_file(k) if mode == "ensemble" else merged_file(members[0])
             try:
                 if mode == "ensemble":
-                    result = export_ensemble(artifact, tmp / file, k, atol=atol)
+                    # one line for the whole bundle (below); each graph's at DEBUG
+                    result = export_ensemble(
+                        artifact, tmp / file, k, atol=atol, log_level=logging.DEBUG
+                    )
                 else:
-                    result = export_merged(artifact, tmp / file, members[0], atol=atol)
+                    result = export_merged(
+                        artifact, tmp / file, members[0], atol=atol, log_level=logging.DEBUG
+                    )
             except (ValueError, RuntimeError) as err:
                 log.warning("serving bundle of %s: skipped %s %s: %s", directory, mode, file, err)
                 entry: dict[str, object] = {"mode": mode, "reason": str(err)}
