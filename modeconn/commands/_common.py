@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +21,18 @@ if TYPE_CHECKING:
     from modeconn.data import Dataset
 
 log = logging.getLogger("modeconn")
+
+_Item = TypeVar("_Item")
+
+
+def comma_list(text: str, convert: Callable[[str], _Item], expected: str) -> list[_Item]:
+    """The comma-separated values of ``text`` through ``convert`` (empty parts skipped); a value
+    it refuses is a ``ValueError`` that says ``expected`` and quotes ``text``."""
+    try:
+        return [convert(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise ValueError(f"{expected}, got {text!r}") from err
+
 
 #: ``modeconn.data.DATA_KINDS``, for the help of ``--data``.
 DATA_KINDS = (

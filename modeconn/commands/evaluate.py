@@ -30,6 +30,7 @@ from modeconn.commands._common import (
     add_device,
     bn_examples_for,
     check_data_fits,
+    comma_list,
     console,
     resolve_device,
     write_json,
@@ -85,12 +86,7 @@ def register(sub) -> None:
 
 
 def parse_ks(text: str) -> list[int]:
-    try:
-        ks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise ValueError(
-            f"--k expects comma-separated positive integers such as 2,4,8, got {text!r}"
-        ) from err
+    ks = comma_list(text, int, "--k expects comma-separated positive integers such as 2,4,8")
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"--k expects positive integers such as 2,4,8, got {text!r}")
     return ks
@@ -115,12 +111,9 @@ def print_rows(name: str, rows) -> None:
 
 
 def parse_thresholds(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise ValueError(
-            f"--thresholds expects comma-separated numbers such as 0.8,0.9,0.95, got {text!r}"
-        ) from err
+    values = comma_list(
+        text, float, "--thresholds expects comma-separated numbers such as 0.8,0.9,0.95"
+    )
     if not values:
         raise ValueError(f"--thresholds expects at least one number, got {text!r}")
     return values

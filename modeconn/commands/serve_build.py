@@ -17,21 +17,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from modeconn.commands._common import comma_list
+
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return comma_list(text, int, "expected comma-separated integers")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return comma_list(text, float, "expected comma-separated numbers")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def register(sub) -> None:
