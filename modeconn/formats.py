@@ -31,7 +31,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from modeconn.validation import problems
 
@@ -51,6 +58,7 @@ __all__ = [
     "DataInfo",
     "Manifest",
     "ServedGraph",
+    "ServedCascade",
     "ServingIndex",
     "IntegrityError",
     "ensemble_file",
@@ -266,6 +274,30 @@ class ServedGraph(_Strict):
         return value
 
 
+class ServedCascade(_Strict):
+    """A confidence cascade of a bundle: single-model graphs at its members' t values, run one
+    at a time until each input's stop rule holds (:mod:`modeconn.cascade`). Its members are
+    merged-model graphs of the same bundle; nothing is stored twice."""
+
+    k: int = Field(ge=1, description="members, at most (every input that never stops runs all)")
+    ts: list[float] = Field(description="the members' t values, in the order they run")
+    rule: Literal["confidence", "agree"] = Field(
+        "confidence", description="when an input leaves: see modeconn.cascade.StopRule"
+    )
+    threshold: float = Field(
+        0.95, description="confidence: the running mean's top probability; agree: how many"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServedCascade:
+        from modeconn.cascade import StopRule
+
+        if len(self.ts) != self.k:
+            raise ValueError(f"a cascade of k={self.k} members needs {self.k} t values")
+        StopRule(self.rule, self.threshold)  # raises on a threshold the rule cannot take
+        return self
+
+
 class ServingIndex(_Strict):
     """``serving/index.json``: what a bundle adds to its artifact."""
 
@@ -276,6 +308,7 @@ class ServingIndex(_Strict):
     requested: dict = Field(default_factory=dict, description="{ks, ts} asked for")
     graphs: list[ServedGraph] = Field(default_factory=list)
     skipped: list[dict] = Field(default_factory=list, description="graphs not built, and why")
+    cascade: ServedCascade | None = Field(None, description="the cascade built, if any")
 
     @property
     def ensembles(self) -> dict[int, ServedGraph]:

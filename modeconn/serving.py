@@ -6,6 +6,11 @@ A bundle lives inside the artifact it serves::
     <artifact>/serving/ensemble_k4.onnx    one graph per K-member ensemble (members evenly in t)
     <artifact>/serving/merged_t0.5000.onnx one graph per merged model at a served t
 
+A bundle also holds a confidence cascade (:mod:`modeconn.cascade`) of K members by default:
+the merged-model graphs at the t values of the K-member ensemble, which the service runs one
+at a time, each input leaving once its stop rule holds. The index names them (its
+``cascade``); they are ordinary merged graphs, also served as such.
+
 Every graph comes from :mod:`modeconn.export` (one graph per ensemble, mean softmax and
 per-input uncertainty out; Garipov et al. 2018, arXiv 1802.10026), so the service itself needs
 only onnxruntime. BatchNorm models get graphs only where the artifact stores BN statistics
@@ -19,6 +24,7 @@ Building needs torch (:func:`build_serving`); reading does not (:mod:`modeconn.f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +38,7 @@ from modeconn.formats import (
     MANIFEST_FILE,
     SERVING_DIR,
     IntegrityError,
+    ServedCascade,
     ServedGraph,
     ServingIndex,
     ensemble_file,
@@ -47,6 +54,7 @@ from modeconn.formats import (
 __all__ = [
     "DEFAULT_KS",
     "DEFAULT_TS",
+    "DEFAULT_CASCADE",
     "DEFAULT_MAX_ENSEMBLE_MB",
     "build_serving",
     "find_artifacts",
@@ -62,6 +70,8 @@ log = logging.getLogger("modeconn")
 DEFAULT_KS: tuple[int, ...] = (2, 3, 4, 5, 8)
 #: t values of the merged models built by default.
 DEFAULT_TS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Members of the cascade built by default (0: none); its stop rule is StopRule's default.
+DEFAULT_CASCADE = 8
 #: Ensembles whose weights would exceed this many megabytes are skipped.
 DEFAULT_MAX_ENSEMBLE_MB = 512.0
 
@@ -139,9 +149,21 @@ def _check_ts(ts: Sequence[float]) -> list[float]:
     return unique_ts(values)
 
 
+def _check_cascade(k: object, rule: object, threshold: object) -> dict:
+    """``{"k", "rule", "threshold"}`` of a cascade request (k = 0: none), validated."""
+    from modeconn.cascade import StopRule
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"the cascade's size must be an integer >= 0 (0: none), got {k!r}")
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+        raise ValueError(f"the cascade's threshold must be a number, got {threshold!r}")
+    stop = StopRule(rule, float(threshold))  # type: ignore[arg-type]  # raises if invalid
+    return {"k": k, "rule": stop.rule, "threshold": stop.threshold}
+
+
 def _previous_request(directory: Path) -> dict:
-    """``{"ks", "ts"}`` an existing bundle was built with (either may be absent), read leniently:
-    also from an index of an earlier format, which a rebuild replaces with the same graphs."""
+    """``{"ks", "ts", "cascade"}`` an existing bundle was built with (any may be absent), read
+    leniently: also from an index of an earlier format, which a rebuild replaces."""
     try:
         raw = json.loads((directory / SERVING_DIR / INDEX_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
@@ -156,6 +178,12 @@ def _previous_request(directory: Path) -> dict:
                 out[key] = check(requested[key])
         except ValueError:
             pass
+    cascade = requested.get("cascade")
+    if isinstance(cascade, dict):
+        with contextlib.suppress(TypeError, ValueError):
+            out["cascade"] = _check_cascade(
+                cascade.get("k"), cascade.get("rule"), cascade.get("threshold")
+            )
     return out
 
 
@@ -186,40 +214,57 @@ def build_serving(
     *,
     ks: Sequence[int] | None = None,
     ts: Sequence[float] | None = None,
+    cascade: int | None = None,
+    rule: str | None = None,
+    threshold: float | None = None,
     max_ensemble_mb: float = DEFAULT_MAX_ENSEMBLE_MB,
     force: bool = False,
     atol: float = 1e-4,
 ) -> ServingIndex:
     """Build ``<artifact_dir>/serving/``: K-member ensembles for K in ``ks`` and merged models
-    at the t values ``ts``, each one ONNX graph (:mod:`modeconn.export`), plus ``index.json``.
+    at the t values ``ts``, each one ONNX graph (:mod:`modeconn.export`), plus ``index.json``;
+    and a cascade of ``cascade`` members (0: none) with the stop ``rule`` and ``threshold``
+    (:class:`modeconn.cascade.StopRule`), whose members are merged graphs at the t values of
+    the ``cascade``-member ensemble, added to those of ``ts`` where missing.
 
     Graphs that cannot be served are skipped and listed in the index with the reason: BatchNorm
     models without stored statistics at a t (see ``PathArtifact.served_ts``), point sets (FGE)
     at t values that are not members or with fewer than K members, ensembles heavier than
     ``max_ensemble_mb``. ``ks``/``ts`` default to what an existing bundle was built with (also
     with ``force``, and from an index of an earlier format), else to
-    :data:`DEFAULT_KS`/:data:`DEFAULT_TS`. A bundle already built from this very artifact, whose
-    graphs still match their recorded SHA-256, is kept unless ``force``, or unless ``ks`` or
-    ``ts`` are given and differ from what it was built with. Written atomically (temporary
+    :data:`DEFAULT_KS`/:data:`DEFAULT_TS`/:data:`DEFAULT_CASCADE` (the same goes for the cascade
+    and its rule). A bundle already built from this very artifact, whose graphs still match
+    their recorded SHA-256, is kept unless ``force``, or unless ``ks``, ``ts`` or the cascade
+    are given and differ from what it was built with. Written atomically (temporary
     folders of killed runs are removed first, see :func:`modeconn.io.atomic_dir`); returns the
     index.
     """
     from modeconn.artifact import load_artifact
     from modeconn.bn import has_batchnorm
+    from modeconn.cascade import StopRule, cascade_order
     from modeconn.ensemble import choose_ts
     from modeconn.export import export_ensemble, export_merged
     from modeconn.io import atomic_dir, atomic_file
 
     directory = Path(artifact_dir)
-    explicit = ks is not None or ts is not None
+    explicit = any(v is not None for v in (ks, ts, cascade, rule, threshold))
     previous = _previous_request(directory)
     ks = _check_ks(previous.get("ks", DEFAULT_KS) if ks is None else ks)
     ts = _check_ts(previous.get("ts", DEFAULT_TS) if ts is None else ts)
-    if not ks and not ts:
-        raise ValueError("nothing to build: give at least one ensemble size or one t value")
+    before = previous.get("cascade", {})
+    default = StopRule()
+    wanted = _check_cascade(
+        before.get("k", DEFAULT_CASCADE) if cascade is None else cascade,
+        (before.get("rule", default.rule) if rule is None else rule),
+        (before.get("threshold", default.threshold) if threshold is None else threshold),
+    )
+    if not ks and not ts and not wanted["k"]:
+        raise ValueError(
+            "nothing to build: give at least one ensemble size, t value or cascade size"
+        )
     if not max_ensemble_mb > 0:
         raise ValueError(f"max_ensemble_mb must be > 0, got {max_ensemble_mb!r}")
-    requested = {"ks": ks, "ts": ts} if explicit else None
+    requested = {"ks": ks, "ts": ts, "cascade": wanted} if explicit else None
     if not force and (index := _up_to_date(directory, requested)) is not None:
         log.info("serving bundle of %s is up to date (%d graphs)", directory, len(index.graphs))
         return index
@@ -267,6 +312,27 @@ def build_serving(
             skipped.append({"mode": "merged", "t": t, "reason": reason})
             continue
         plan.append(("merged", 1, [t]))
+    cascade_ts: list[float] = []  # the cascade's members, in the order they run
+    if k := wanted["k"]:
+        reason = None
+        if k * member_mb > max_ensemble_mb:
+            reason = f"{k} members of {member_mb:.1f} MB exceed max_ensemble_mb={max_ensemble_mb}"
+        else:
+            try:
+                members = choose_ts(artifact.path, k)
+            except ValueError as err:
+                reason = str(err)
+            else:
+                if missing := unserved(members):
+                    reason = f"no stored BatchNorm statistics at t={missing}"
+        if reason is not None:
+            skipped.append({"mode": "cascade", "k": k, "reason": reason})
+        else:
+            cascade_ts = [members[i] for i in cascade_order(members)]
+            planned = [p[2][0] for p in plan if p[0] == "merged"]
+            for t in members:
+                if match_t(t, planned) is None:
+                    plan.append(("merged", 1, [t]))
 
     begin = time.perf_counter()
     graphs: list[ServedGraph] = []
@@ -301,6 +367,21 @@ def build_serving(
                     bn=[str(b) for b in result.manifest.get("bn", [])],
                 )
             )
+        served_cascade = None
+        if cascade_ts:
+            built = {g.ts[0]: g for g in graphs if g.mode == "merged"}
+            found = [match_t(t, built) for t in cascade_ts]
+            if None in found:
+                lost = [t for t, f in zip(cascade_ts, found) if f is None]
+                reason = f"its member graphs at t={lost} could not be built (see above)"
+                skipped.append({"mode": "cascade", "k": wanted["k"], "reason": reason})
+            else:
+                served_cascade = ServedCascade(
+                    k=len(cascade_ts),
+                    ts=[float(t) for t in found if t is not None],
+                    rule=wanted["rule"],
+                    threshold=wanted["threshold"],
+                )
         if not graphs:
             reasons = "; ".join(
                 f"{s['mode']} {s.get('k', s.get('t'))}: {s['reason']}" for s in skipped
@@ -310,9 +391,10 @@ def build_serving(
             artifact_created=manifest.created,
             has_batchnorm=batchnorm,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            requested={"ks": ks, "ts": ts},
+            requested={"ks": ks, "ts": ts, "cascade": wanted},
             graphs=graphs,
             skipped=skipped,
+            cascade=served_cascade,
         )
         with atomic_file(tmp / INDEX_FILE) as index_tmp:
             index_tmp.write_text(json.dumps(index.model_dump(), indent=2) + "\n")

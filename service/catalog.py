@@ -6,10 +6,12 @@ No torch here: manifests and bundles are read as the typed records of :mod:`mode
 graphs with :class:`modeconn.runtime.OnnxModel`. Every user error is a :class:`RequestError`
 carrying an HTTP status and a message that lists the valid choices.
 
-A graph is opened or exported only as its serving index records it: a regular file of its
-bundle whose SHA-256 matches (:func:`modeconn.formats.read_graph`). Any other graph is refused,
-with one log line and a 503 for its requests, while the rest keeps serving; a bundle that
-cannot be read at all leaves its path refused (503) the same way.
+A graph is opened or exported only as its serving index records it (:mod:`service.graph`).
+Any other graph is refused, with one log line and a 503 for its requests, while the rest keeps
+serving; a bundle that cannot be read at all leaves its path refused (503) the same way.
+
+A request runs one graph (an ensemble or a merged model), or for mode ``cascade`` the bundle's
+cascade of merged graphs (:mod:`service.cascade`).
 """
 
 from __future__ import annotations
@@ -17,179 +19,42 @@ from __future__ import annotations
 import logging
 import math
 import os
-import stat
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
 
 import numpy as np
 import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
 
+from modeconn.cascade import StopRule
 from modeconn.formats import (
     SERVING_DIR,
-    IntegrityError,
     Manifest,
-    ServedGraph,
+    ServedCascade,
     ServingIndex,
     match_t,
-    read_graph,
     read_index,
     read_manifest,
-    verify_graph,
 )
-from modeconn.runtime import Device, OnnxModel
+from modeconn.runtime import Device
 from modeconn.serving import find_served, store_path
 
-from .errors import clip
+from .cascade import CascadeRun
+from .errors import REFUSED, RequestError, clip
+from .graph import Graph
 from .preprocess import image_to_input, normalize_raw
 from .schemas import PathInfo, PredictRequest, PredictResponse
 
-__all__ = ["REFUSED", "RequestError", "Graph", "ServedPath", "Catalog", "release_freed_memory"]
+__all__ = ["REFUSED", "RequestError", "Graph", "CascadeRun", "ServedPath", "Catalog"]
 
 log = logging.getLogger("modeconn.service")
 
-#: The status of an answer that needs a refused graph or path: the server cannot serve it
-#: until its bundle is rebuilt (not the client's fault, and not a crash).
-REFUSED = 503
-
-
-class RequestError(Exception):
-    """A request the service cannot answer: HTTP ``status`` and a message saying why."""
-
-    def __init__(self, status: int, message: str, expected: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.expected = expected or {}
+#: What a request runs: one graph, or a cascade of merged graphs.
+Runner = Graph | CascadeRun
 
 
 def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
-
-
-_FileId = tuple[int, int, int, int, int]  # device, inode, size, mtime and ctime (ns)
-
-
-def _file_id(info: os.stat_result) -> _FileId:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-@dataclass
-class Graph:
-    """One ONNX graph of a served path, opened on first use (or at start with ``preload``).
-
-    It is opened from bytes checked against the serving index, and its file is exported only
-    after the same check (repeated whenever the file's identity, size or times change); a
-    graph that fails it is refused: one log line, and a 503 for every request that needs it.
-    """
-
-    entry: ServedGraph  # what the serving index says of it
-    file: Path
-    name: str
-    directory: Path  # the artifact (the file is directory/serving/entry.file)
-    device: Device = "auto"
-    threads: int | None = None
-    _model: OnnxModel | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # The last check of the file: its identity then, and the refusal (None: it matched).
-    _checked: tuple[_FileId, str | None] | None = field(default=None, repr=False)
-    _logged: str | None = field(default=None, repr=False)  # the refusal last logged
-    _log_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def model(self) -> OnnxModel:
-        """The onnxruntime session (``RequestError`` 503 if the graph is refused)."""
-        if self._model is None:
-            with self._lock:
-                if self._model is None:
-                    seen = self._seen()
-                    try:
-                        data = read_graph(self.directory, self.entry)
-                    except IntegrityError as err:
-                        raise RequestError(REFUSED, self._refuse(err, seen)) from None
-                    # No busy-waiting pool threads: many sessions share the worker's cores.
-                    self._model = OnnxModel(
-                        data,
-                        device=self.device,
-                        intra_op_threads=self.threads,
-                        name=self.name,
-                        spinning=False,
-                    )
-                    del data
-                    release_freed_memory()
-        return self._model
-
-    def verified_file(self) -> Path:
-        """The graph's file, checked against the serving index (``RequestError`` 503 if it is
-        refused): a regular file of the bundle, not a link, with the recorded SHA-256. The
-        file is hashed again only when its identity, size or times changed since the last
-        check."""
-        seen = self._seen()
-        checked = self._checked
-        if seen is not None and checked is not None and checked[0] == seen:
-            refusal = checked[1]
-        else:
-            try:
-                self._checked = (_file_id(verify_graph(self.directory, self.entry)), None)
-                refusal = None
-            except IntegrityError as err:
-                refusal = self._refuse(err, seen)
-        if refusal is not None:
-            raise RequestError(REFUSED, refusal)
-        return self.file
-
-    def _seen(self) -> _FileId | None:
-        """The identity of the graph's file now (None unless it is a regular file)."""
-        try:
-            info = os.lstat(self.file)
-        except OSError:
-            return None
-        return _file_id(info) if stat.S_ISREG(info.st_mode) else None
-
-    def precheck(self) -> None:
-        """At start without preload: refuse now a file that is missing, a link, or not a
-        regular file (cheap); its bytes are checked when it is first used."""
-        if self._seen() is None:
-            self.verified_file()
-
-    def ensure_usable(self) -> None:
-        """Refuse (``RequestError`` 503) a graph that is not open and fails its check, before
-        a request is accepted for it; an open graph runs what was checked when it opened."""
-        if self._model is None:
-            self.verified_file()
-
-    def _refuse(self, err: IntegrityError, seen: _FileId | None) -> str:
-        """Log ``err`` (once while it stays the same), remember the refusal for the file seen
-        as ``seen`` (not hashed again while it stays so), and return the message for clients,
-        which names no file system path."""
-        message = (
-            f"graph {self.name} is refused: it {err.reason}; rebuild its bundle with "
-            "`modeconn serve-build DIR --force` and restart the server"
-        )
-        self._checked = (seen, message) if seen is not None else None
-        with self._log_lock:
-            if self._logged != str(err):
-                self._logged = str(err)
-                log.error("refusing graph %s: %s", self.name, err)
-        return message
-
-    @property
-    def loaded(self) -> bool:
-        return self._model is not None
-
-    @property
-    def mode(self) -> str:
-        return self.entry.mode
-
-    @property
-    def k(self) -> int:
-        return self.entry.k
-
-    @property
-    def ts(self) -> list[float]:
-        return self.entry.ts
 
 
 @dataclass
@@ -202,6 +67,7 @@ class ServedPath:
     manifest: Manifest
     ensembles: dict[int, Graph]
     merged: dict[float, Graph]
+    cascade: ServedCascade | None = None  # its members are graphs of ``merged``
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -251,30 +117,9 @@ class ServedPath:
                 "worst": float(min(test_acc)) if test_acc else None,
             },
             alignment=bool(self.manifest.alignment),
+            cascade=self.cascade,
             graphs=[g.entry for g in self.graphs()],
         )
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the C heap back to the system (glibc's ``malloc_trim``).
-
-    onnxruntime parses a whole ONNX file before it keeps the weights: the parse buffers are
-    freed but, left to glibc, stay in the process (measured: 60 MB of 200 MB for five 17 MB
-    members). Elsewhere (no glibc) nothing happens.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Callable[[int], int] | Literal[False] | None = None  # None: not looked up yet
 
 
 def _entropy(probs: np.ndarray, log_probs: np.ndarray) -> np.ndarray:
@@ -393,12 +238,80 @@ class Catalog:
             )
         return served
 
-    def graph(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
-        """The graph for ``mode`` (``point`` is ``merged``), ``k`` and ``t`` on ``served``
-        (``RequestError`` 503 if it is refused)."""
-        graph = self._select(served, mode, k, t)
-        graph.ensure_usable()
-        return graph
+    def graph(
+        self,
+        served: ServedPath,
+        mode: str,
+        k: int | None,
+        t: float | None,
+        rule: str | None = None,
+        threshold: float | None = None,
+    ) -> Runner:
+        """What runs ``mode`` (``point`` is ``merged``) with ``k`` and ``t`` on ``served``:
+        one graph, or for ``cascade`` its members with the stop rule (the bundle's, or
+        ``rule``/``threshold``). ``RequestError`` 503 if a graph needed is refused."""
+        if mode == "cascade":
+            runner: Runner = self._cascade(served, k, t, rule, threshold)
+        elif rule is not None or threshold is not None:
+            raise RequestError(
+                400,
+                f"rule and threshold are the stop rule of mode 'cascade', not of mode {mode!r} "
+                "(drop them, or use mode 'cascade')",
+                {"mode": ["cascade"]},
+            )
+        else:
+            runner = self._select(served, mode, k, t)
+        runner.ensure_usable()
+        return runner
+
+    def _cascade(
+        self,
+        served: ServedPath,
+        k: int | None,
+        t: float | None,
+        rule: str | None,
+        threshold: float | None,
+    ) -> CascadeRun:
+        cascade = served.cascade
+        if cascade is None:
+            raise RequestError(
+                400,
+                f"path {served.name!r} has no cascade built; rebuild its bundle with "
+                "`modeconn serve-build DIR --cascade 8`, or use mode 'ensemble' with k in "
+                f"{sorted(served.ensembles)}",
+                {"mode": ["ensemble", "merged"]},
+            )
+        if t is not None:
+            raise RequestError(
+                400,
+                f"t selects a merged model; a cascade's members are fixed (t = "
+                f"{_fmt(cascade.ts)}, in the order they run): drop t",
+                {"k": list(range(1, cascade.k + 1))},
+            )
+        k = cascade.k if k is None else k
+        if not 1 <= k <= cascade.k:
+            raise RequestError(
+                400,
+                f"k={k}: the cascade of path {served.name!r} has {cascade.k} members; k is how "
+                f"many it may run at most, 1 to {cascade.k}",
+                {"k": list(range(1, cascade.k + 1))},
+            )
+        if threshold is None and rule not in (None, cascade.rule):
+            raise RequestError(
+                400,
+                f"rule {rule!r} needs its own threshold (the bundle's is for {cascade.rule!r}): "
+                "give threshold as well",
+                {"threshold": ["confidence: a probability in [0, 1]", "agree: an integer >= 2"]},
+            )
+        try:
+            stop = StopRule(
+                rule or cascade.rule,  # type: ignore[arg-type]  # the schema's literal
+                cascade.threshold if threshold is None else threshold,
+            )
+        except ValueError as err:
+            raise RequestError(400, str(err), {"rule": ["confidence", "agree"]}) from None
+        members = tuple(served.merged[_served_t(t, served.merged)] for t in cascade.ts[:k])
+        return CascadeRun(members, stop)
 
     def _select(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
         if mode == "ensemble":
@@ -474,12 +387,12 @@ class Catalog:
 
     # -- answering ----------------------------------------------------------------------------
 
-    def run(self, served: ServedPath, graph: Graph, x: np.ndarray) -> PredictResponse:
+    def run(self, served: ServedPath, graph: Runner, x: np.ndarray) -> PredictResponse:
         """Run ``graph`` on ``x`` (already ``(N, *input_shape)``) and shape the answer."""
+        if isinstance(graph, CascadeRun):
+            return self._run_cascade(served, graph, x)
         model = graph.model
-        # The graphs' outputs are dense tensors: numpy arrays (not sparse tensors, maps, lists).
-        out = cast(list[np.ndarray], model.session.run(None, {model.input_name: x}))
-        outputs = dict(zip(model.output_names, out))
+        outputs = graph.outputs(x)
         probs = outputs["probabilities"]  # (N, C)
         log_probs = outputs["log_probabilities"]  # (N, C)
         response = {
@@ -500,22 +413,43 @@ class Catalog:
             response["entropy"] = _entropy(probs, log_probs).tolist()
         return PredictResponse.model_construct(**response)
 
+    def _run_cascade(self, served: ServedPath, run: CascadeRun, x: np.ndarray) -> PredictResponse:
+        result = run.run(x)
+        response = {
+            "path": served.name,
+            "mode": "cascade",
+            "k": run.k,
+            "ts": run.ts,
+            "labels": result.labels.tolist(),
+            "probabilities": result.probs.astype(np.float32).tolist(),
+            "entropy": result.entropy.tolist(),
+            "mutual_information": result.mutual_information.tolist(),
+            "disagreement": result.disagreement.tolist(),
+            "members_used": result.members_used.tolist(),
+            "stop_rule": run.rule.describe(),
+            "provider": run.provider,
+        }
+        return PredictResponse.model_construct(**response)
+
     def predict(self, request: PredictRequest) -> PredictResponse:
         """Answer a validated prediction request."""
         return self.run(*self.resolve(request))
 
-    def resolve(self, request: PredictRequest) -> tuple[ServedPath, Graph, np.ndarray]:
+    def resolve(self, request: PredictRequest) -> tuple[ServedPath, Runner, np.ndarray]:
         """Path, graph and ``(N, *input_shape)`` inputs of a request, or a RequestError."""
         served = self.get(request.path)
-        graph = self.graph(served, request.mode, request.k, request.t)
+        graph = self.graph(
+            served, request.mode, request.k, request.t, request.rule, request.threshold
+        )
         return served, graph, self.shape_inputs(served, request.array, request.raw)
 
     def predict_many(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
-        """Answer several requests, one graph run per distinct (path, graph) among them."""
+        """Answer several requests, one graph run (or cascade) per distinct (path, graph)
+        among them."""
         resolved = [self.resolve(r) for r in requests]
-        groups: dict[int, list[int]] = {}
+        groups: dict[Hashable, list[int]] = {}
         for i, (_, graph, _) in enumerate(resolved):
-            groups.setdefault(id(graph), []).append(i)
+            groups.setdefault(graph.key, []).append(i)
         answers: dict[int, PredictResponse] = {}
         for members in groups.values():
             served, graph, _ = resolved[members[0]]
@@ -549,15 +483,37 @@ class Catalog:
     def export(self, path: str, mode: str, k: int | None, t: float | None) -> tuple[Graph, str]:
         """The graph file to download and a descriptive file name for it."""
         served = self.get(path)
+        if mode == "cascade":
+            ts = served.cascade.ts if served.cascade else sorted(served.merged)
+            raise RequestError(
+                400,
+                "a cascade is no single graph: its members are merged models, run one at a time; "
+                f"download each with mode 'merged' and t in {_fmt(ts)}",
+                {"mode": ["ensemble", "merged"], "t": ts},
+            )
         graph = self._select(served, mode, k, t)
         graph.verified_file()  # also for an open graph: the file is what is sent
         stem = served.name.replace("/", "_").strip("._") or "path"
         return graph, f"{stem}_{graph.file.name}"
 
 
+def _served_t(t: float, served: Iterable[float]) -> float:
+    """The served t that ``t`` names (checked when the path was loaded)."""
+    found = match_t(t, served)
+    assert found is not None
+    return found
+
+
 def _slice(response: PredictResponse, begin: int, end: int) -> PredictResponse:
     """Rows ``begin:end`` of a batched answer."""
-    fields = ("labels", "probabilities", "entropy", "mutual_information", "disagreement")
+    fields = (
+        "labels",
+        "probabilities",
+        "entropy",
+        "mutual_information",
+        "disagreement",
+        "members_used",
+    )
     data = {name: getattr(response, name) for name in PredictResponse.model_fields}
     for name in fields:
         if data[name] is not None:
@@ -590,6 +546,8 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
             ensembles[g.k] = graph
         else:
             merged[float(g.ts[0])] = graph
+    if index.cascade is not None and any(match_t(t, merged) is None for t in index.cascade.ts):
+        raise ValueError(f"{directory}: the cascade's members are not all graphs of the bundle")
     return ServedPath(
         name=name,
         directory=directory,
@@ -597,4 +555,5 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
         manifest=manifest,
         ensembles=ensembles,
         merged=merged,
+        cascade=index.cascade,
     )

@@ -22,6 +22,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "REFUSED",
+    "RequestError",
     "ECHO_LIMIT",
     "MESSAGE_LIMIT",
     "ErrorDetail",
@@ -30,6 +32,21 @@ __all__ = [
     "describe_loc",
     "error_body",
 ]
+
+#: The status of an answer that needs a refused graph or path: the server cannot serve it
+#: until its bundle is rebuilt (not the client's fault, and not a crash).
+REFUSED = 503
+
+
+class RequestError(Exception):
+    """A request the service cannot answer: HTTP ``status`` and a message saying why."""
+
+    def __init__(self, status: int, message: str, expected: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.expected = expected or {}
+
 
 #: The longest quotation of a client's value in an error message or a log line.
 ECHO_LIMIT = 80

@@ -24,10 +24,11 @@ from pydantic import (
     PrivateAttr,
     TypeAdapter,
     ValidationError,
+    model_serializer,
 )
 from pydantic import model_validator as _model_validator
 
-from modeconn.formats import ServedGraph
+from modeconn.formats import ServedCascade, ServedGraph
 
 from .errors import ErrorResponse, clip
 
@@ -47,7 +48,7 @@ __all__ = [
     "ErrorResponse",
 ]
 
-Mode = Literal["ensemble", "merged", "point"]
+Mode = Literal["ensemble", "merged", "point", "cascade"]
 DEFAULT_MAX_BATCH = 1024
 #: The largest ensemble size a request may name (a bound, so that no k is echoed at length).
 MAX_K = 2**31 - 1
@@ -331,13 +332,16 @@ class PredictRequest(_Request):
     mode: Mode = Field(
         "ensemble",
         description="'ensemble': K members along the path, softmax averaged; 'merged': the one "
-        "network at t; 'point': same as 'merged' (for an FGE point set, the member at t)",
+        "network at t; 'point': same as 'merged' (for an FGE point set, the member at t); "
+        "'cascade': the path's cascade members one at a time, each input leaving once its "
+        "stop rule holds (members_used says how many ran)",
     )
     k: int | None = Field(
         None,
         ge=1,
         le=MAX_K,
-        description="ensemble members (default: the largest K built for this path)",
+        description="ensemble members (default: the largest K built for this path); for a "
+        "cascade, the most members it may run (default: all of its members)",
         examples=[4],
     )
     t: float | None = Field(
@@ -347,6 +351,19 @@ class PredictRequest(_Request):
         allow_inf_nan=False,
         description="merged/point: where on the path, in [0, 1] (default: 0.5, or the served "
         "t nearest to it); not used by ensembles",
+    )
+    rule: Literal["confidence", "agree"] | None = Field(
+        None,
+        description="cascade: when an input leaves (default: the rule the bundle was built "
+        "with, see GET /paths): 'confidence' (the running mean's top probability reaches "
+        "threshold) or 'agree' (the first threshold members agree)",
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="cascade: the rule's threshold (default: the bundle's)",
+        examples=[0.9],
     )
     raw: bool = Field(
         False,
@@ -401,8 +418,8 @@ class PredictResponse(BaseModel):
     """Predictions for every input of the batch."""
 
     path: str = Field(description="the served path")
-    mode: Literal["ensemble", "merged"]
-    k: int = Field(description="members that voted (1 for a merged model)")
+    mode: Literal["ensemble", "merged", "cascade"]
+    k: int = Field(description="members that voted (1 for a merged model; a cascade's most)")
     ts: list[float] = Field(description="t values of the members used")
     labels: list[int] = Field(description="argmax class per input, shape (N,)")
     probabilities: list[list[float]] = Field(description="class probabilities, shape (N, C)")
@@ -413,7 +430,24 @@ class PredictResponse(BaseModel):
     disagreement: list[float] | None = Field(
         None, description="ensembles: fraction of member pairs whose labels differ, per input"
     )
+    members_used: list[int] | None = Field(
+        None, description="cascade: how many members ran for each input, shape (N,)"
+    )
+    stop_rule: str | None = Field(None, description="cascade: the rule that stopped inputs")
     provider: str = Field(description="onnxruntime execution provider that ran the graph")
+
+    @model_serializer(mode="wrap")
+    def _cascade_fields_only_for_cascades(self, handler):
+        # Absent rather than null outside a cascade: BentoML's client decodes an array field
+        # by iterating it, and an answer of another mode would break it on a null.
+        data = handler(self)
+        for name in _CASCADE_ONLY:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
+_CASCADE_ONLY = ("members_used", "stop_rule")
 
 
 class PathInfo(BaseModel):
@@ -436,6 +470,9 @@ class PathInfo(BaseModel):
         description="test accuracy at t=0, t=1, the midpoint and the worst t (from the manifest)"
     )
     alignment: bool = Field(description="whether B was permuted onto A before fitting")
+    cascade: ServedCascade | None = Field(
+        None, description="mode='cascade': its members' t (in the order they run) and stop rule"
+    )
     graphs: list[ServedGraph] = Field(description="the ONNX graphs built for this path")
 
 

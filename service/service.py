@@ -6,8 +6,10 @@ Every artifact with a serving bundle (``modeconn serve-build DIR``) below the mo
 is served under its path relative to it (``paths/bezier``). Endpoints (JSON unless noted):
 
 * ``POST /predict``: a batch for one path, as its K-member ensemble (mean softmax, entropy,
-  mutual information, disagreement; Garipov et al. 2018, arXiv 1802.10026) or as the merged
-  network at one t; inputs as nested lists, or for large batches as base64 float32 bytes;
+  mutual information, disagreement; Garipov et al. 2018, arXiv 1802.10026), as the merged
+  network at one t, or as a cascade of members that each input leaves once it is confident
+  (``members_used`` per input); inputs as nested lists, or for large batches as base64 float32
+  bytes;
 * ``POST /predict_batch``: a list of such requests, adaptively batched by BentoML;
 * ``POST /predict_image``: one PNG/JPEG upload (multipart), preprocessed as the path's data set;
 * ``GET|POST /paths``: what is served, with barrier and accuracy from each manifest;
@@ -39,7 +41,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import bentoml
 from bentoml.exceptions import BentoMLException
@@ -59,6 +61,7 @@ from .openapi import DOCS_PAGE, openapi_document
 from .schemas import (
     MAX_K,
     ExportRequest,
+    Mode,
     PathsRequest,
     PathsResponse,
     PredictRequest,
@@ -170,11 +173,11 @@ async def _get_export(request: Request) -> FileResponse | JSONResponse:
     service = bentoml.get_current_service()
     try:
         mode = request.query_params.get("mode") or "ensemble"
-        if mode not in ("ensemble", "merged", "point"):
+        if mode not in get_args(Mode):
             raise RequestError(
                 400,
-                f"mode={clip(mode)}: expected 'ensemble', 'merged' or 'point'",
-                {"mode": ["ensemble", "merged", "point"]},
+                f"mode={clip(mode)}: expected one of {', '.join(get_args(Mode))}",
+                {"mode": list(get_args(Mode))},
             )
         path = request.query_params.get("path")
         if not path:
@@ -266,7 +269,7 @@ class BatchItem(PredictRequest):
             return self
         try:
             _, graph, _ = catalog.resolve(self)
-            graph.model  # noqa: B018 - opens (and checks) a lazily loaded graph now, not mid-batch
+            graph.open()  # opens (and checks) lazily loaded graphs now, not mid-batch
         except RequestError as err:
             raise ValueError(err.message) from None
         return self
@@ -380,10 +383,10 @@ class ModeConnService:
         self,
         image: Annotated[Path, Field(description="a PNG or JPEG image")],
         path: Annotated[str, Field(description="a served path's name", examples=["paths/bezier"])],
-        mode: Annotated[
-            Literal["ensemble", "merged", "point"], Field(description="as in /predict")
-        ] = "ensemble",
-        k: Annotated[int | None, Field(ge=1, le=MAX_K, description="ensemble members")] = None,
+        mode: Annotated[Mode, Field(description="as in /predict")] = "ensemble",
+        k: Annotated[
+            int | None, Field(ge=1, le=MAX_K, description="ensemble (cascade) members")
+        ] = None,
         t: Annotated[float | None, Field(ge=0.0, le=1.0, description="merged/point: t")] = None,
         invert: Annotated[
             bool | None,

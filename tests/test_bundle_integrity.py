@@ -45,14 +45,18 @@ X = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)  #
 
 @pytest.fixture(scope="module")
 def bundles(mlp_pair, digits, tmp_path_factory) -> Path:
-    """Two served MLP paths (``paths/a``, ``paths/b``), each an ensemble k=2 and a merge at 0.5."""
+    """Two served MLP paths (``paths/a``, ``paths/b``), each an ensemble k=2 and a merge at 0.5
+    (no cascade)."""
     root = tmp_path_factory.mktemp("bundles")
     a, b = (load_checkpoint(p) for p in mlp_pair)
     for name in ("a", "b"):
         out = root / "paths" / name
         fit_artifact(a, b, digits, "linear", out=out, eval_points=0)
-        build_serving(out, ks=(2,), ts=(0.5,))
+        build_serving(out, ks=(2,), ts=(0.5,), cascade=0)
     return root
+
+
+NO_CASCADE = {"k": 0, "rule": "confidence", "threshold": 0.95}
 
 
 @pytest.fixture
@@ -470,8 +474,8 @@ def test_force_keeps_the_ensemble_sizes_and_t_values_of_the_bundle(root, capsys)
     assert main(["--quiet", "serve-build", str(art), "--force"]) == 0
     index = read_index(art)
     assert sorted(index.ensembles) == [2] and sorted(index.merged) == [0.5]
-    assert index.requested == {"ks": [2], "ts": [0.5]}
-    assert "ensembles K = 2; merged t = 0.5" in capsys.readouterr().out
+    assert index.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE}
+    assert "ensembles K = 2; merged t = 0.5; cascade: none" in capsys.readouterr().out
     # Only --k given: the t values stay those of the bundle.
     assert main(["--quiet", "serve-build", str(art), "--force", "--k", "3"]) == 0
     index = read_index(art)
@@ -486,7 +490,7 @@ def test_a_bundle_of_the_previous_format_is_rebuilt_with_its_values(root):
         graph.pop("sha256", None)
     (art / "serving" / "index.json").write_text(json.dumps(index))
     rebuilt = build_serving(art)
-    assert rebuilt.requested == {"ks": [2], "ts": [0.5]}
+    assert rebuilt.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE}
     assert sorted(rebuilt.ensembles) == [2] and sorted(rebuilt.merged) == [0.5]
 
 

@@ -293,7 +293,9 @@ def served(bezier, autoneb, paths_root, tmp_path_factory):
     """
     import httpx
 
-    assert main(["-q", "serve-build", str(bezier), "--k", "2", "--ts", "0.5"]) == 0
+    assert (
+        main(["-q", "serve-build", str(bezier), "--k", "2", "--ts", "0.5", "--cascade", "0"]) == 0
+    )
     env = {
         "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")),
         "MODECONN_ARTIFACTS": str(paths_root),

@@ -39,7 +39,7 @@ def cnn_linear(tmp_path_factory, bn_pair, digits) -> Path:
     fit_artifact(
         a, b, digits, "linear", out=out, eval_points=3, served_ts=[0.0, 0.5, 1.0], bn_examples=256
     )
-    build_serving(out, ks=(2,), ts=(0.0, 0.5, 1.0))
+    build_serving(out, ks=(2,), ts=(0.0, 0.5, 1.0), cascade=0)
     return out
 
 

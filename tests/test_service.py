@@ -54,8 +54,11 @@ def _raw_digit(digits, i: int) -> np.ndarray:
 def test_bundle_index_lists_built_and_skipped_graphs(models_root):
     assert [name for name, _ in find_served(models_root)] == ["paths/cnn", "paths/mlp"]
     mlp = read_index(models_root / "paths" / "mlp")
-    assert sorted(mlp.ensembles) == [2, 3] and sorted(mlp.merged) == [0.0, 0.5]
+    assert sorted(mlp.ensembles) == [2, 3] and sorted(mlp.merged) == [0.0, 0.5, 1.0]
     assert mlp.ensembles[3].ts == [0.0, 0.5, 1.0] and mlp.merged[0.5].bn == ["none"]
+    # The cascade's members are the 3-member ensemble's t, middle first; t = 1 was added.
+    assert mlp.cascade is not None and mlp.cascade.ts == [0.5, 0.0, 1.0]
+    assert (mlp.cascade.rule, mlp.cascade.threshold) == ("confidence", 0.95)
     described = read_manifest(models_root / "paths" / "mlp")  # the artifact's facts, once
     assert described.model.input_shape == [1, 8, 8]
     assert described.preprocessing["raw_max"] == 16.0
@@ -63,6 +66,7 @@ def test_bundle_index_lists_built_and_skipped_graphs(models_root):
     assert cnn.has_batchnorm and sorted(cnn.merged) == [0.5]
     assert cnn.merged[0.5].bn == ["stored"]
     assert [(s["mode"], s["t"]) for s in cnn.skipped] == [("merged", 0.3)]
+    assert cnn.cascade is None  # built with cascade=0
     assert "BatchNorm" in cnn.skipped[0]["reason"]
     for graph in mlp.graphs:
         model = _reference(models_root, "paths/mlp", graph.file)
@@ -79,9 +83,27 @@ def test_bundle_is_kept_when_up_to_date_and_rebuilt_on_force(models_root, tmp_pa
         index = build_serving(art, **kwargs)
         assert (art / "serving" / "ensemble_k2.onnx").stat().st_mtime_ns == before
         assert sorted(index.ensembles) == [2, 3]
-    index = build_serving(art, ks=(2,), ts=(), force=True)
+    index = build_serving(art, ks=(2,), ts=(), cascade=0, force=True)
     assert sorted(index.ensembles) == [2] and not index.merged
     assert sorted(p.name for p in (art / "serving").iterdir()) == ["ensemble_k2.onnx", "index.json"]
+
+
+def test_cascade_needs_every_member_servable(models_root, tmp_path):
+    import shutil
+
+    art = tmp_path / "cnn"
+    shutil.copytree(models_root / "paths" / "cnn", art)
+    index = build_serving(art, cascade=8)  # BN statistics stored at t = 0, 0.5, 1 only
+    assert index.cascade is None
+    assert [(s["mode"], s.get("k")) for s in index.skipped if s["mode"] == "cascade"] == [
+        ("cascade", 8)
+    ]
+    assert "BatchNorm" in index.skipped[-1]["reason"]
+    index = build_serving(art, cascade=3, rule="agree", threshold=2)
+    assert index.cascade is not None and index.cascade.ts == [0.5, 0.0, 1.0]
+    assert (index.cascade.rule, index.cascade.threshold) == ("agree", 2)
+    assert sorted(index.merged) == [0.0, 0.5, 1.0]  # the members, besides t = 0.5 asked for
+    assert build_serving(art).cascade == index.cascade  # kept: what the bundle holds
 
 
 @pytest.mark.parametrize(
@@ -89,7 +111,11 @@ def test_bundle_is_kept_when_up_to_date_and_rebuilt_on_force(models_root, tmp_pa
     [
         ({"ks": (0,)}, "positive integers"),
         ({"ts": (1.5,)}, r"\[0, 1\]"),
-        ({"ks": (), "ts": ()}, "nothing to build"),
+        ({"ks": (), "ts": (), "cascade": 0}, "nothing to build"),
+        ({"cascade": -1}, "integer >= 0"),
+        ({"threshold": 1.5}, r"probability in \[0, 1\]"),
+        ({"rule": "agree", "threshold": 0.5}, "integer >= 2"),
+        ({"rule": "vote"}, "unknown cascade rule"),
     ],
 )
 def test_bad_bundle_requests_are_refused(models_root, kwargs, match):
@@ -105,7 +131,11 @@ def test_serve_build_command_finds_artifacts_below_a_folder(models_root, tmp_pat
     shutil.copytree(models_root / "paths" / "mlp", tmp_path / "arts" / "paths" / "mlp")
     argv = ["--quiet", "serve-build", str(tmp_path / "arts"), "--k", "2,3", "--ts", "0,0.5"]
     assert main(argv) == 0
-    assert "paths/mlp: ensembles K = 2, 3; merged t = 0, 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "paths/mlp: ensembles K = 2, 3; merged t = 0, 0.5, 1; cascade: 3 members, confidence "
+        in out
+    )
     assert main(["--quiet", "serve-build", str(tmp_path / "nothing_here")]) == 2
 
 
@@ -212,7 +242,13 @@ def test_paths_lists_what_is_served_with_barrier_and_accuracy(asgi):
     assert sorted(paths) == ["paths/cnn", "paths/mlp"]  # "unbuilt" has no bundle
     mlp = paths["paths/mlp"]
     assert mlp["method"] == "linear" and mlp["model"]["name"] == "mlp"
-    assert mlp["ks"] == [2, 3] and mlp["served_ts"] == [0.0, 0.5]
+    assert mlp["ks"] == [2, 3] and mlp["served_ts"] == [0.0, 0.5, 1.0]
+    assert mlp["cascade"] == {
+        "k": 3,
+        "ts": [0.5, 0.0, 1.0],
+        "rule": "confidence",
+        "threshold": 0.95,
+    }
     assert mlp["ensemble_ts"]["3"] == [0.0, 0.5, 1.0]
     assert mlp["barrier"]["loss_mean"] is not None and 0.5 < mlp["accuracy"]["t0"] <= 1.0
     assert paths["paths/cnn"]["served_ts"] == [0.5]
@@ -229,7 +265,7 @@ def test_openapi_documents_the_endpoints_with_examples(asgi):
     request = spec["components"]["schemas"]["PredictRequestIODescriptor"]["properties"]
     assert request["path"]["examples"] == ["paths/bezier"]
     assert np.array(request["inputs"]["examples"][0]).shape == (1, 1, 8, 8)
-    assert request["mode"]["enum"] == ["ensemble", "merged", "point"]
+    assert request["mode"]["enum"] == ["ensemble", "merged", "point", "cascade"]
     assert asgi.get("/").status_code == 200  # the Swagger page
 
 
@@ -366,7 +402,7 @@ BAD_PREDICTIONS = [
     (
         _with(', "t": 0.3, "mode": "merged"'),
         400,
-        "served t values: [0, 0.5]",
+        "served t values: [0, 0.5, 1]",
     ),
     (_with(', "t": 0.5'), 400, "t selects a merged model"),
     (_with(', "k": 7'), 400, "available ensemble sizes: [2, 3]"),
@@ -381,7 +417,7 @@ BAD_PREDICTIONS = [
     (
         _with(', "mode": "best"'),
         400,
-        "'ensemble', 'merged' or 'point'",
+        "'ensemble', 'merged', 'point' or 'cascade'",
     ),
     (
         _with(', "raw": true'),
@@ -526,7 +562,7 @@ def test_bad_exports_are_4xx(asgi):
         ({"path": "paths/mlp", "k": "two"}, "not a valid int"),
         ({"path": "paths/mlp", "mode": "merged", "t": "2"}, "must lie in [0, 1]"),
         ({"mode": "merged"}, "path is required"),
-        ({"path": "paths/mlp", "mode": "best"}, "expected 'ensemble'"),
+        ({"path": "paths/mlp", "mode": "best"}, "expected one of ensemble, merged"),
     ):
         got = asgi.get("/export", params=params)
         assert got.status_code == 400 and fragment in got.text, got.text
@@ -616,6 +652,27 @@ def test_real_server_answers_like_onnxruntime(server, models_root, digits):
     for pid in _workers(server["proc"].pid):
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "libtorch" not in maps, f"worker {pid} mapped libtorch"
+
+
+def test_real_server_answers_a_cascade(server, models_root, digits):
+    import bentoml
+    import httpx
+
+    from modeconn.cascade import StopRule, run_cascade
+
+    x = digits.x_test[:9].numpy()
+    body = {"path": "paths/mlp", "inputs": x.tolist(), "mode": "cascade", "threshold": 0.9}
+    via_httpx = httpx.post(f"{server['url']}/predict", json=body).json()
+    with bentoml.SyncHTTPClient(server["url"]) as client:
+        via_client = client.predict(body)
+    files = ("merged_t0.5000.onnx", "merged_t0.0000.onnx", "merged_t1.0000.onnx")
+    members = [_reference(models_root, "paths/mlp", f) for f in files]
+    want = run_cascade(
+        [lambda b, m=m: m.run(b)["probabilities"] for m in members], x, StopRule("confidence", 0.9)
+    )
+    for got in (via_httpx, via_client):
+        assert got["members_used"] == want.members_used.tolist()
+        np.testing.assert_allclose(got["probabilities"], want.probs, rtol=1e-5, atol=1e-6)
 
 
 def test_real_server_refuses_bad_input_and_stays_ready(server):

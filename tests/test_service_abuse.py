@@ -501,7 +501,7 @@ def test_openapi_lists_get_routes_and_one_error_schema(client):
     paths = spec["paths"]
     params = {p["name"]: p for p in paths["/export"]["get"]["parameters"]}
     assert params["path"]["required"] and not params["k"]["required"]
-    assert params["mode"]["schema"]["enum"] == ["ensemble", "merged", "point"]
+    assert params["mode"]["schema"]["enum"] == ["ensemble", "merged", "point", "cascade"]
     assert params["t"]["schema"]["maximum"] == 1.0
     assert [p["name"] for p in paths["/paths"]["get"]["parameters"]] == ["path"]
     assert "application/octet-stream" in paths["/export"]["get"]["responses"]["200"]["content"]

@@ -3,9 +3,12 @@
     modeconn serve-build artifacts/paths/bezier                  # one artifact
     modeconn serve-build artifacts                               # every artifact below a folder
     modeconn serve-build DIR --k 2,4,8 --ts 0,0.5,1              # choose ensembles and merges
+    modeconn serve-build DIR --cascade 8 --cascade-threshold 0.9 # the cascade's stop rule
 
 Writes ``DIR/serving/`` (one graph per K-member ensemble, one per merged model at t, and
-``index.json`` with each graph's sha256); ``bentoml serve service.service:ModeConnService`` loads
+``index.json`` with each graph's sha256), and by default a confidence cascade of 8 members
+(merged graphs at the 8-member ensemble's t values, run one at a time; ``modeconn evaluate DIR
+--cascade`` suggests a threshold); ``bentoml serve service.service:ModeConnService`` loads
 every artifact that has one. BatchNorm models get graphs only at the t values whose statistics
 the artifact stores. A bundle is rebuilt when its artifact changed or a graph no longer matches
 its sha256; temporary folders left by killed runs are removed.
@@ -17,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from modeconn.cascade import RULES
 from modeconn.commands._common import comma_list
 
 
@@ -35,7 +39,8 @@ def _floats(text: str) -> list[float]:
 
 
 def register(sub) -> None:
-    from modeconn.serving import DEFAULT_KS, DEFAULT_MAX_ENSEMBLE_MB, DEFAULT_TS
+    from modeconn.cascade import StopRule
+    from modeconn.serving import DEFAULT_CASCADE, DEFAULT_KS, DEFAULT_MAX_ENSEMBLE_MB, DEFAULT_TS
 
     p = sub.add_parser(
         "serve-build",
@@ -61,6 +66,29 @@ def register(sub) -> None:
         metavar="T,T",
         help=f"t values of merged models (default: {','.join(map(str, DEFAULT_TS))}, or what an "
         "existing bundle holds; '' for none)",
+    )
+    p.add_argument(
+        "--cascade",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"members of the confidence cascade served as mode 'cascade' (default: "
+        f"{DEFAULT_CASCADE}, or what an existing bundle holds; 0 for none)",
+    )
+    p.add_argument(
+        "--cascade-rule",
+        choices=RULES,
+        default=None,
+        help=f"when an input leaves the cascade (default: {StopRule().rule}): its running mean's "
+        "top probability reaches the threshold, or the first THRESHOLD members agree",
+    )
+    p.add_argument(
+        "--cascade-threshold",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"the rule's threshold (default: {StopRule().threshold:g} for confidence; a "
+        "request may give its own)",
     )
     p.add_argument(
         "--max-ensemble-mb",
@@ -99,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
                 directory,
                 ks=args.k,
                 ts=args.ts,
+                cascade=args.cascade,
+                rule=args.cascade_rule,
+                threshold=args.cascade_threshold,
                 max_ensemble_mb=args.max_ensemble_mb,
                 force=args.force,
             )
@@ -110,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
             continue
         ens = ", ".join(str(k) for k in sorted(index.ensembles)) or "none"
         merged = ", ".join(f"{t:g}" for t in sorted(index.merged)) or "none"
-        print(f"{directory}: ensembles K = {ens}; merged t = {merged}")
+        cascade = index.cascade
+        stop = f"{cascade.k} members, {cascade.rule} {cascade.threshold:g}" if cascade else "none"
+        print(f"{directory}: ensembles K = {ens}; merged t = {merged}; cascade: {stop}")
         for entry in index.skipped:
             what = f"k={entry['k']}" if "k" in entry else f"t={entry['t']:g}"
             print(f"  skipped {entry['mode']} {what}: {entry['reason']}")
