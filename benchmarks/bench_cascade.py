@@ -47,7 +47,9 @@ CASES = {
 }
 
 
-def _case(name: str, folder: Path, device: str, quick: bool) -> dict:
+def prepare(name: str, folder: Path, device: str, quick: bool):
+    """Train case ``name``'s two endpoints, align B onto A and fit a Bezier path between them:
+    ``(artifact directory, data, seconds)``."""
     from modeconn.checkpoint import load_checkpoint, save_checkpoint
     from modeconn.data import load_data
     from modeconn.models import create_model
@@ -78,7 +80,11 @@ def _case(name: str, folder: Path, device: str, quick: bool) -> dict:
         eval_points=0,
         device=device,
     )
-    trained = time.perf_counter() - begin
+    return out, data, time.perf_counter() - begin
+
+
+def _case(name: str, folder: Path, device: str, quick: bool) -> dict:
+    out, data, trained = prepare(name, folder, device, quick)
     ts, probs = cascade_member_probs(out, data, K, device=device)
     labels = data.y_test.numpy()
     sweep = sweep_cascade(probs, labels, "confidence", ts=ts)

@@ -1,6 +1,8 @@
-"""Run every benchmark in ``benchmarks/`` and write ``benchmarks/RESULTS.md``.
+"""Run the benchmarks in ``benchmarks/`` and write ``benchmarks/RESULTS.md``.
 
 Each ``bench_*.py`` module exposes ``run(quick: bool = False, device: str = "cpu") -> dict``.
+Results are kept in ``benchmarks/results.json``, one entry per benchmark with when it was
+measured, so ``--only NAME`` measures those again and RESULTS.md still shows the others.
 Targets (the product's speed promises) are declared here, once, as paths into those dicts, so a
 result that misses its target is reported as missed next to the number.
 
@@ -21,6 +23,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: Every benchmark's last full result, beside RESULTS.md: ``--only`` reruns some, keeps the rest.
+RESULTS_JSON = "results.json"
 if __package__ in (None, ""):
     sys.path.insert(0, str(HERE.parent))
 
@@ -60,6 +64,34 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
         "int8 / fp32 fused K=8 ensemble images/s, batch 256 (worst model)",
     ),
     ("int8", "max_accuracy_drop_points", "<=", 0.2, "int8 accuracy drop, K=8 on digits (points)"),
+    (
+        "cascade",
+        "summary/mlp16_digits/held-out cost",
+        "<=",
+        2.0,
+        "cascade cost (members per input) at the chosen threshold, K=8, digits MLP",
+    ),
+    (
+        "cascade",
+        "summary/mlp16_digits/held-out accuracy gap (points)",
+        "<=",
+        0.1,
+        "cascade accuracy below the full K=8 ensemble (points, held out), digits MLP",
+    ),
+    (
+        "cascade",
+        "summary/resnet20_digits/held-out cost",
+        "<=",
+        2.0,
+        "cascade cost (members per input) at the chosen threshold, K=8, ResNet-20",
+    ),
+    (
+        "cascade",
+        "summary/resnet20_digits/held-out accuracy gap (points)",
+        "<=",
+        0.1,
+        "cascade accuracy below the full K=8 ensemble (points, held out), ResNet-20",
+    ),
     ("cli", "worst_help_seconds", "<=", 0.5, "slowest `modeconn ... --help`, fresh process (s)"),
     ("service", "summary/overhead_p50_ms_batch1", "<=", 5.0, "HTTP p50 overhead at batch 1 (ms)"),
     (
@@ -145,6 +177,11 @@ WHY_MISSED: dict[str, str] = {
         "0.467 vs 0.466); 1024 calibration inputs, fp32 logit layers and QDQ flip the same one. "
         "Top-1 agreement 99.7 %, max |p_int8 - p_fp32| 0.016; the MLP loses 0.00 points."
     ),
+    "cascade accuracy below the full K=8 ensemble (points, held out), digits MLP": (
+        "the held-out half has 180 inputs, so one input is 0.56 points and the target can only be "
+        "met at 0.00; over 20 seeded splits 14 meet it and the mean gap is about 0.1 point "
+        "(see the splits in the cascade section). ResNet-20 meets it at a cost below 2."
+    ),
     "HTTP / in-process throughput, 16 clients, batch 1 (MLP)": (
         "a digits-MLP ensemble computes in ~10 us; BentoML's own per-request cost (~1 ms: ASGI, "
         "JSON, pydantic, response) is 100x that, so no server can reach 50 % of in-process here. "
@@ -225,6 +262,111 @@ def _check(op: str, value: float, target: float) -> bool:
     return value <= target if op == "<=" else value >= target
 
 
+def _load(path: Path) -> dict:
+    """The results stored so far (``{name: {"result", "seconds", "when", "command"}}``)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _save(path: Path, stored: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(stored, indent=1, default=str, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _measure(names: list[str], quick: bool, device: str) -> dict:
+    """Run the benchmarks ``names``: ``{name: entry}``, a broken one with its traceback."""
+    done: dict[str, dict] = {}
+    command = f"python -m benchmarks.run{' --quick' if quick else ''}"
+    command += f" --device {device}" if device != "cpu" else ""
+    for name in names:
+        print(f"== {name}", flush=True)
+        begin = time.perf_counter()
+        entry: dict = {
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": command,
+        }
+        try:
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            entry["result"] = module.run(quick=quick, device=device)
+            print(json.dumps(entry["result"], indent=1, default=str)[:3000])
+        except Exception:  # a broken benchmark is reported, the others still run
+            entry["failed"] = traceback.format_exc()
+            print(entry["failed"], file=sys.stderr)
+        entry["seconds"] = round(time.perf_counter() - begin, 1)
+        done[name] = entry
+    return done
+
+
+def _report(stored: dict, machine: dict) -> str:
+    """RESULTS.md: the targets table over every stored result, then one section each."""
+    names = sorted(stored)
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m benchmarks.run` from `benchmarks/results.json`; each section says "
+        "when it was measured. Timings are medians over repeated runs after warm-up; every ratio "
+        "is measured side by side in the same run.",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in machine.items()]
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "| benchmark | ratio | value | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    why: list[str] = []
+    for bench, key, op, target, meaning in TARGETS:
+        if bench not in stored:
+            continue
+        value = _lookup(stored[bench].get("result") or {}, key)
+        if not isinstance(value, int | float):
+            lines.append(f"| {bench} | {meaning} | not measured | {op} {target} | — |")
+            continue
+        ok = _check(op, float(value), target)
+        lines.append(
+            f"| {bench} | {meaning} | {value:.3g} | {op} {target} | "
+            f"{'yes' if ok else '**missed**'} |"
+        )
+        if not ok:
+            why.append(f"- **{meaning}**: {WHY_MISSED.get(meaning, 'not explained yet')}")
+    if why:
+        lines += ["", "### Missed targets, and why", ""] + why
+    for name in names:
+        entry = stored[name]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"`python -m benchmarks.bench_{name}` ({entry.get('seconds', 0):.0f} s, "
+            f"{entry.get('when', 'date unknown')}, `{entry.get('command', '')}`)",
+            "",
+        ]
+        if "failed" in entry:
+            lines += ["Failed:", "", "```", str(entry["failed"]).strip(), "```"]
+            continue
+        result = entry.get("result")
+        notes = result.get("notes") if isinstance(result, dict) else None
+        body = (
+            {k: v for k, v in result.items() if k != "notes"}
+            if isinstance(result, dict)
+            else result
+        )
+        lines += _render(body)
+        if notes:
+            lines += ["", "Notes:", ""] + [
+                f"- {n}" for n in (notes if isinstance(notes, list) else [notes])
+            ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="a short run that checks the suite works"
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="*", help="benchmark names (e.g. align ensemble)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="benchmark names (e.g. align ensemble); the others' stored results stay in RESULTS.md",
+    )
     parser.add_argument(
         "--no-write", action="store_true", help="print only; leave RESULTS.md alone"
     )
@@ -246,85 +392,18 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
         names = [n for n in names if n in args.only]
-    results: dict[str, dict] = {}
-    failures: dict[str, str] = {}
-    seconds: dict[str, float] = {}
-    for name in names:
-        print(f"== {name}", flush=True)
-        begin = time.perf_counter()
-        try:
-            module = importlib.import_module(f"benchmarks.bench_{name}")
-            results[name] = module.run(quick=args.quick, device=args.device)
-        except Exception:  # a broken benchmark is reported, the others still run
-            failures[name] = traceback.format_exc()
-            print(failures[name], file=sys.stderr)
-        seconds[name] = time.perf_counter() - begin
-        if name in results:
-            print(json.dumps(results[name], indent=1, default=str)[:3000])
-
-    lines = [
-        "# Benchmark results",
-        "",
-        f"Written by `python -m benchmarks.run{' --quick' if args.quick else ''}"
-        f"{' --device ' + args.device if args.device != 'cpu' else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Timings are medians over repeated runs after warm-up; "
-        "every ratio is measured side by side in the same run.",
-        "",
-        "## Machine",
-        "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in _machine(args.device).items()]
-    lines += [
-        "",
-        "## Targets",
-        "",
-        "| benchmark | ratio | value | target | met |",
-        "|---|---|---|---|---|",
-    ]
-    missed = 0
-    why: list[str] = []
-    for bench, key, op, target, meaning in TARGETS:
-        if bench not in names:
-            continue
-        value = _lookup(results.get(bench, {}), key)
-        if value is None:
-            lines.append(f"| {bench} | {meaning} | not measured | {op} {target} | — |")
-            continue
-        ok = _check(op, float(value), target)
-        missed += not ok
-        lines.append(
-            f"| {bench} | {meaning} | {float(value):.3g} | {op} {target} | {'yes' if ok else '**missed**'} |"
-        )
-        if not ok:
-            why.append(f"- **{meaning}**: {WHY_MISSED.get(meaning, 'not explained yet')}")
-    if why:
-        lines += ["", "### Missed targets, and why", ""] + why
-    for name in names:
-        lines += [
-            "",
-            f"## {name}",
-            "",
-            f"`python -m benchmarks.bench_{name}` ({seconds[name]:.0f} s)",
-            "",
-        ]
-        if name in failures:
-            lines += ["Failed:", "", "```", failures[name].strip(), "```"]
-            continue
-        result = results[name]
-        notes = result.get("notes") if isinstance(result, dict) else None
-        body = (
-            {k: v for k, v in result.items() if k != "notes"}
-            if isinstance(result, dict)
-            else result
-        )
-        lines += _render(body)
-        if notes:
-            lines += ["", "Notes:", ""] + [
-                f"- {n}" for n in (notes if isinstance(notes, list) else [notes])
-            ]
-    text = "\n".join(lines) + "\n"
+    measured = _measure(names, args.quick, args.device)
+    failures = [n for n, entry in measured.items() if "failed" in entry]
     if not args.no_write:
-        Path(args.out).write_text(text)
+        store = Path(args.out).with_name(RESULTS_JSON)
+        # A quick run checks that the suite works; it never replaces real measurements.
+        stored = {} if args.quick else _load(store)
+        stored.update(measured)
+        known = set(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
+        stored = {n: e for n, e in stored.items() if n in known}  # removed benchmarks go
+        if not args.quick:
+            _save(store, stored)
+        Path(args.out).write_text(_report(stored, _machine(args.device)))
         print(f"wrote {args.out}")
     print(f"benchmarks: {len(names) - len(failures)} ran, {len(failures)} broke")
     return 1 if failures else 0

@@ -27,3 +27,22 @@ def test_benchmark_runs_in_quick_mode(name):
     if keys:  # quick mode may skip the heavier cases, but measures at least one target
         measured = [k for k in keys if isinstance(_lookup(result, k), int | float)]
         assert measured, f"{name} measured none of its targets {keys}"
+
+
+def test_results_of_benchmarks_not_rerun_stay_in_the_report(tmp_path):
+    from benchmarks.run import _load, _report, _save
+
+    store = tmp_path / "results.json"
+    _save(store, {"align": {"result": {"mlp_64-256-256-10": {"ratio": 0.5}}, "seconds": 3}})
+    stored = _load(store)
+    stored.update({"neb": {"result": {"worst_ratio_auto": 1.5}, "seconds": 4, "when": "today"}})
+    report = _report(stored, {"cpu": "test"})
+    assert "## align" in report and "## neb" in report
+    assert (
+        "| align | weight matching / plain reference, MLP-256 trained on digits | 0.5 |" in report
+    )
+    assert (
+        "| neb | NEB step over N pivots / N plain steps (worst case) | 1.5 | <= 1.0 | **missed** |"
+        in report
+    )
+    assert _load(tmp_path / "missing.json") == {}
