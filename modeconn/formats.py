@@ -63,6 +63,7 @@ __all__ = [
     "IntegrityError",
     "ensemble_file",
     "merged_file",
+    "int8_file",
     "match_t",
     "unique_ts",
     "absolute_data_spec",
@@ -112,6 +113,11 @@ def ensemble_file(k: int) -> str:
 def merged_file(t: float) -> str:
     """File name of the merged-model graph at ``t``."""
     return f"merged_t{t:.4f}.onnx"
+
+
+def int8_file(fp32_file: str) -> str:
+    """File name of the int8 copy of the graph ``fp32_file``."""
+    return fp32_file.removesuffix(".onnx") + "_int8.onnx"
 
 
 class _Strict(BaseModel):
@@ -262,6 +268,14 @@ class ServedGraph(_Strict):
     size_bytes: int = 0
     max_abs_diff: float | None = Field(None, description="|onnxruntime - torch| at export")
     bn: list[str] = Field(default_factory=list, description="BatchNorm statistics per member")
+    precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="int8: a statically quantized copy of the fp32 graph of this mode",
+    )
+    int8_check: dict | None = Field(
+        default=None,
+        description="int8: agreement and accuracy against fp32 on the test split, at build",
+    )
 
     @field_validator("file")
     @classmethod
@@ -312,20 +326,25 @@ class ServingIndex(_Strict):
 
     @property
     def ensembles(self) -> dict[int, ServedGraph]:
-        """Ensemble graphs by K."""
-        return {g.k: g for g in self.graphs if g.mode == "ensemble"}
+        """Ensemble graphs (fp32) by K."""
+        return {g.k: g for g in self.graphs if g.mode == "ensemble" and g.precision == "fp32"}
 
     @property
     def merged(self) -> dict[float, ServedGraph]:
-        """Merged-model graphs by t."""
-        return {g.ts[0]: g for g in self.graphs if g.mode == "merged"}
+        """Merged-model graphs (fp32) by t."""
+        return {g.ts[0]: g for g in self.graphs if g.mode == "merged" and g.precision == "fp32"}
+
+    @property
+    def int8(self) -> list[ServedGraph]:
+        """The int8 copies."""
+        return [g for g in self.graphs if g.precision == "int8"]
 
     def find(self, mode: str, ts: Iterable[float]) -> ServedGraph | None:
-        """The graph of ``mode`` whose members sit at ``ts`` (in order, within
+        """The fp32 graph of ``mode`` whose members sit at ``ts`` (in order, within
         :data:`T_TOLERANCE`), if the bundle holds one."""
         wanted = list(ts)
         for graph in self.graphs:
-            same = graph.mode == mode and len(graph.ts) == len(wanted)
+            same = graph.mode == mode and graph.precision == "fp32" and len(graph.ts) == len(wanted)
             if same and all(abs(t - g) <= T_TOLERANCE for t, g in zip(wanted, graph.ts)):
                 return graph
         return None

@@ -43,6 +43,7 @@ from modeconn.formats import (
     ServingIndex,
     ensemble_file,
     file_sha256,
+    int8_file,
     match_t,
     merged_file,
     read_index,
@@ -178,6 +179,8 @@ def _previous_request(directory: Path) -> dict:
                 out[key] = check(requested[key])
         except ValueError:
             pass
+    if isinstance(requested.get("int8"), bool):
+        out["int8"] = requested["int8"]
     cascade = requested.get("cascade")
     if isinstance(cascade, dict):
         with contextlib.suppress(TypeError, ValueError):
@@ -217,6 +220,9 @@ def build_serving(
     cascade: int | None = None,
     rule: str | None = None,
     threshold: float | None = None,
+    int8: bool | None = None,
+    int8_tolerance: float | None = None,
+    data=None,
     max_ensemble_mb: float = DEFAULT_MAX_ENSEMBLE_MB,
     force: bool = False,
     atol: float = 1e-4,
@@ -225,7 +231,11 @@ def build_serving(
     at the t values ``ts``, each one ONNX graph (:mod:`modeconn.export`), plus ``index.json``;
     and a cascade of ``cascade`` members (0: none) with the stop ``rule`` and ``threshold``
     (:class:`modeconn.cascade.StopRule`), whose members are merged graphs at the t values of
-    the ``cascade``-member ensemble, added to those of ``ts`` where missing.
+    the ``cascade``-member ensemble, added to those of ``ts`` where missing. With ``int8``,
+    every graph also gets an int8 copy (:func:`modeconn.quantize.quantize_onnx`: calibrated
+    on training inputs of ``data``, default the data set the artifact was fitted on, and
+    checked against fp32 on its test split; a copy that loses more than ``int8_tolerance``
+    accuracy points is skipped, with the reason).
 
     Graphs that cannot be served are skipped and listed in the index with the reason: BatchNorm
     models without stored statistics at a t (see ``PathArtifact.served_ts``), point sets (FGE)
@@ -247,7 +257,7 @@ def build_serving(
     from modeconn.io import atomic_dir, atomic_file
 
     directory = Path(artifact_dir)
-    explicit = any(v is not None for v in (ks, ts, cascade, rule, threshold))
+    explicit = any(v is not None for v in (ks, ts, cascade, rule, threshold, int8))
     previous = _previous_request(directory)
     ks = _check_ks(previous.get("ks", DEFAULT_KS) if ks is None else ks)
     ts = _check_ts(previous.get("ts", DEFAULT_TS) if ts is None else ts)
@@ -258,13 +268,14 @@ def build_serving(
         (before.get("rule", default.rule) if rule is None else rule),
         (before.get("threshold", default.threshold) if threshold is None else threshold),
     )
+    int8 = bool(previous.get("int8", False) if int8 is None else int8)
     if not ks and not ts and not wanted["k"]:
         raise ValueError(
             "nothing to build: give at least one ensemble size, t value or cascade size"
         )
     if not max_ensemble_mb > 0:
         raise ValueError(f"max_ensemble_mb must be > 0, got {max_ensemble_mb!r}")
-    requested = {"ks": ks, "ts": ts, "cascade": wanted} if explicit else None
+    requested = {"ks": ks, "ts": ts, "cascade": wanted, "int8": int8} if explicit else None
     if not force and (index := _up_to_date(directory, requested)) is not None:
         log.info("serving bundle of %s is up to date (%d graphs)", directory, len(index.graphs))
         return index
@@ -367,6 +378,8 @@ def build_serving(
                     bn=[str(b) for b in result.manifest.get("bn", [])],
                 )
             )
+        if int8:
+            graphs += _quantize_all(tmp, graphs, artifact, data, int8_tolerance, skipped)
         served_cascade = None
         if cascade_ts:
             built = {g.ts[0]: g for g in graphs if g.mode == "merged"}
@@ -391,7 +404,7 @@ def build_serving(
             artifact_created=manifest.created,
             has_batchnorm=batchnorm,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            requested={"ks": ks, "ts": ts, "cascade": wanted},
+            requested={"ks": ks, "ts": ts, "cascade": wanted, "int8": int8},
             graphs=graphs,
             skipped=skipped,
             cascade=served_cascade,
@@ -411,6 +424,66 @@ def build_serving(
         time.perf_counter() - begin,
     )
     return index
+
+
+def _quantize_all(
+    folder: Path,
+    graphs: Sequence[ServedGraph],
+    artifact,
+    data,
+    tolerance: float | None,
+    skipped: list[dict],
+) -> list[ServedGraph]:
+    """Int8 copies of ``graphs`` (files in ``folder``), checked on ``data``'s test split; the
+    refused ones are added to ``skipped``."""
+    from modeconn.data import load_data
+    from modeconn.quantize import (
+        DEFAULT_TOLERANCE,
+        QuantizationRefused,
+        calibration_sample,
+        quantize_onnx,
+    )
+
+    if data is None:  # the data set the artifact was fitted on
+        data = load_data(artifact.data_spec())
+    calibration = calibration_sample(data.x_train.numpy(), seed=0)
+    x_test, y_test = data.x_test.numpy(), data.y_test.numpy()
+    out = []
+    for graph in graphs:
+        file = int8_file(graph.file)
+        try:
+            result = quantize_onnx(
+                folder / graph.file,
+                folder / file,
+                x_test=x_test,
+                y_test=y_test,
+                calibration=calibration,
+                tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+            )
+        except (QuantizationRefused, ValueError, RuntimeError) as err:
+            log.warning("serving bundle: no int8 copy of %s: %s", graph.file, err)
+            what = {"k": graph.k} if graph.mode == "ensemble" else {"t": graph.ts[0]}
+            skipped.append({"mode": graph.mode, **what, "precision": "int8", "reason": str(err)})
+            continue
+        check = result.check
+        out.append(
+            graph.model_copy(
+                update={
+                    "file": file,
+                    "sha256": file_sha256(folder / file),
+                    "size_bytes": result.size_bytes,
+                    "precision": "int8",
+                    "int8_check": {
+                        "examples": check.examples,
+                        "agreement": check.agreement,
+                        "accuracy_fp32": check.accuracy_fp32,
+                        "accuracy_int8": check.accuracy_int8,
+                        "accuracy_drop_points": check.accuracy_drop_points,
+                    },
+                }
+            )
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from modeconn.formats import (
     Manifest,
     ServedCascade,
     ServingIndex,
+    int8_file,
     match_t,
     read_index,
     read_manifest,
@@ -68,6 +69,7 @@ class ServedPath:
     ensembles: dict[int, Graph]
     merged: dict[float, Graph]
     cascade: ServedCascade | None = None  # its members are graphs of ``merged``
+    int8: dict[str, Graph] = field(default_factory=dict)  # int8 copies by their fp32 file
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -78,7 +80,7 @@ class ServedPath:
         return self.manifest.preprocessing
 
     def graphs(self) -> list[Graph]:
-        return [*self.ensembles.values(), *self.merged.values()]
+        return [*self.ensembles.values(), *self.merged.values(), *self.int8.values()]
 
     def info(self) -> PathInfo:
         """What GET /paths says about this path."""
@@ -246,12 +248,14 @@ class Catalog:
         t: float | None,
         rule: str | None = None,
         threshold: float | None = None,
+        precision: str = "fp32",
     ) -> Runner:
         """What runs ``mode`` (``point`` is ``merged``) with ``k`` and ``t`` on ``served``:
         one graph, or for ``cascade`` its members with the stop rule (the bundle's, or
-        ``rule``/``threshold``). ``RequestError`` 503 if a graph needed is refused."""
+        ``rule``/``threshold``); the int8 copies with ``precision="int8"``. ``RequestError``
+        503 if a graph needed is refused."""
         if mode == "cascade":
-            runner: Runner = self._cascade(served, k, t, rule, threshold)
+            runner: Runner = self._cascade(served, k, t, rule, threshold, precision)
         elif rule is not None or threshold is not None:
             raise RequestError(
                 400,
@@ -260,9 +264,25 @@ class Catalog:
                 {"mode": ["cascade"]},
             )
         else:
-            runner = self._select(served, mode, k, t)
+            runner = self._in_precision(served, self._select(served, mode, k, t), precision)
         runner.ensure_usable()
         return runner
+
+    def _in_precision(self, served: ServedPath, graph: Graph, precision: str) -> Graph:
+        """``graph`` (fp32) or its int8 copy."""
+        if precision == "fp32":
+            return graph
+        copy = served.int8.get(graph.entry.file)
+        if copy is None:
+            built = sorted(g.entry.file for g in served.int8.values())
+            raise RequestError(
+                400,
+                f"path {served.name!r} has no int8 copy of {graph.entry.file} (int8 graphs: "
+                f"{built or 'none'}); build them with `modeconn serve-build DIR --int8`, or "
+                "use precision 'fp32'",
+                {"precision": ["fp32", "int8"] if built else ["fp32"]},
+            )
+        return copy
 
     def _cascade(
         self,
@@ -271,6 +291,7 @@ class Catalog:
         t: float | None,
         rule: str | None,
         threshold: float | None,
+        precision: str = "fp32",
     ) -> CascadeRun:
         cascade = served.cascade
         if cascade is None:
@@ -310,7 +331,10 @@ class Catalog:
             )
         except ValueError as err:
             raise RequestError(400, str(err), {"rule": ["confidence", "agree"]}) from None
-        members = tuple(served.merged[_served_t(t, served.merged)] for t in cascade.ts[:k])
+        members = tuple(
+            self._in_precision(served, served.merged[_served_t(t, served.merged)], precision)
+            for t in cascade.ts[:k]
+        )
         return CascadeRun(members, stop)
 
     def _select(self, served: ServedPath, mode: str, k: int | None, t: float | None) -> Graph:
@@ -400,6 +424,7 @@ class Catalog:
             "mode": graph.mode,
             "k": graph.k,
             "ts": graph.ts,
+            "precision": graph.entry.precision,
             "labels": probs.argmax(-1).tolist(),
             "probabilities": probs.tolist(),
             "provider": model.provider,
@@ -420,6 +445,7 @@ class Catalog:
             "mode": "cascade",
             "k": run.k,
             "ts": run.ts,
+            "precision": run.members[0].entry.precision,
             "labels": result.labels.tolist(),
             "probabilities": result.probs.astype(np.float32).tolist(),
             "entropy": result.entropy.tolist(),
@@ -439,7 +465,13 @@ class Catalog:
         """Path, graph and ``(N, *input_shape)`` inputs of a request, or a RequestError."""
         served = self.get(request.path)
         graph = self.graph(
-            served, request.mode, request.k, request.t, request.rule, request.threshold
+            served,
+            request.mode,
+            request.k,
+            request.t,
+            request.rule,
+            request.threshold,
+            request.precision,
         )
         return served, graph, self.shape_inputs(served, request.array, request.raw)
 
@@ -470,17 +502,20 @@ class Catalog:
         k: int | None = None,
         t: float | None = None,
         invert: bool | None = None,
+        precision: str = "fp32",
     ) -> PredictResponse:
         """Answer an image upload: decode and preprocess it as the path's data set was."""
         served = self.get(path)
-        graph = self.graph(served, mode, k, t)
+        graph = self.graph(served, mode, k, t, precision=precision)
         try:
             x = image_to_input(data, served.preprocessing, served.input_shape, invert=invert)
         except ValueError as err:
             raise RequestError(400, str(err)) from None
         return self.run(served, graph, x)
 
-    def export(self, path: str, mode: str, k: int | None, t: float | None) -> tuple[Graph, str]:
+    def export(
+        self, path: str, mode: str, k: int | None, t: float | None, precision: str = "fp32"
+    ) -> tuple[Graph, str]:
         """The graph file to download and a descriptive file name for it."""
         served = self.get(path)
         if mode == "cascade":
@@ -491,7 +526,7 @@ class Catalog:
                 f"download each with mode 'merged' and t in {_fmt(ts)}",
                 {"mode": ["ensemble", "merged"], "t": ts},
             )
-        graph = self._select(served, mode, k, t)
+        graph = self._in_precision(served, self._select(served, mode, k, t), precision)
         graph.verified_file()  # also for an open graph: the file is what is sent
         stem = served.name.replace("/", "_").strip("._") or "path"
         return graph, f"{stem}_{graph.file.name}"
@@ -533,6 +568,7 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
         )
     ensembles: dict[int, Graph] = {}
     merged: dict[float, Graph] = {}
+    copies: dict[str, Graph] = {}  # int8 graphs by file
     for g in index.graphs:
         graph = Graph(
             entry=g,
@@ -542,10 +578,14 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
             device=device,
             threads=threads,
         )
-        if g.mode == "ensemble":
+        if g.precision == "int8":
+            copies[g.file] = graph
+        elif g.mode == "ensemble":
             ensembles[g.k] = graph
         else:
             merged[float(g.ts[0])] = graph
+    fp32 = [*ensembles.values(), *merged.values()]
+    int8 = {g.entry.file: copies[f] for g in fp32 if (f := int8_file(g.entry.file)) in copies}
     if index.cascade is not None and any(match_t(t, merged) is None for t in index.cascade.ts):
         raise ValueError(f"{directory}: the cascade's members are not all graphs of the bundle")
     return ServedPath(
@@ -556,4 +596,5 @@ def _load_path(name: str, directory: Path, device: Device, threads: int | None) 
         ensembles=ensembles,
         merged=merged,
         cascade=index.cascade,
+        int8=int8,
     )

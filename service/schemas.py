@@ -34,6 +34,7 @@ from .errors import ErrorResponse, clip
 
 __all__ = [
     "Mode",
+    "Precision",
     "DEFAULT_MAX_BATCH",
     "MAX_K",
     "max_batch",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 Mode = Literal["ensemble", "merged", "point", "cascade"]
+Precision = Literal["fp32", "int8"]
 DEFAULT_MAX_BATCH = 1024
 #: The largest ensemble size a request may name (a bound, so that no k is echoed at length).
 MAX_K = 2**31 - 1
@@ -365,6 +367,11 @@ class PredictRequest(_Request):
         description="cascade: the rule's threshold (default: the bundle's)",
         examples=[0.9],
     )
+    precision: Precision = Field(
+        "fp32",
+        description="'int8': the statically quantized copies of the graphs, where the bundle "
+        "holds them (modeconn serve-build --int8; see GET /paths)",
+    )
     raw: bool = Field(
         False,
         description="inputs are raw pixel values in [0, raw_max] (digits: 0..16); the service "
@@ -406,6 +413,7 @@ class ExportRequest(_Request):
     t: float | None = Field(
         None, ge=0.0, le=1.0, allow_inf_nan=False, description="merged/point: t (default: 0.5)"
     )
+    precision: Precision = Field("fp32", description="'fp32', or 'int8' where built")
 
 
 class PathsRequest(_Request):
@@ -421,6 +429,7 @@ class PredictResponse(BaseModel):
     mode: Literal["ensemble", "merged", "cascade"]
     k: int = Field(description="members that voted (1 for a merged model; a cascade's most)")
     ts: list[float] = Field(description="t values of the members used")
+    precision: Precision = Field("fp32", description="of the graphs that ran")
     labels: list[int] = Field(description="argmax class per input, shape (N,)")
     probabilities: list[list[float]] = Field(description="class probabilities, shape (N, C)")
     entropy: list[float] = Field(description="predictive entropy H[p] per input, nats")

@@ -64,6 +64,7 @@ from .schemas import (
     Mode,
     PathsRequest,
     PathsResponse,
+    Precision,
     PredictRequest,
     PredictResponse,
     max_batch,
@@ -187,15 +188,22 @@ async def _get_export(request: Request) -> FileResponse | JSONResponse:
             raise RequestError(400, f"k={clip(k)} must be an ensemble size, 1 to {MAX_K}")
         if t is not None and not 0.0 <= t <= 1.0:
             raise RequestError(400, f"t={t!r} must lie in [0, 1]")
-        return _download(service.catalog, path, mode, k, t)
+        precision = request.query_params.get("precision") or "fp32"
+        if precision not in get_args(Precision):
+            raise RequestError(
+                400,
+                f"precision={clip(precision)}: expected one of {', '.join(get_args(Precision))}",
+                {"precision": list(get_args(Precision))},
+            )
+        return _download(service.catalog, path, mode, k, t, precision)
     except RequestError as err:
         return _error(err)
 
 
 def _download(
-    catalog: Catalog, path: str, mode: str, k: int | None, t: float | None
+    catalog: Catalog, path: str, mode: str, k: int | None, t: float | None, precision: str
 ) -> FileResponse:
-    graph, filename = catalog.export(path, mode, k, t)
+    graph, filename = catalog.export(path, mode, k, t, precision)
     return FileResponse(graph.file, media_type="application/octet-stream", filename=filename)
 
 
@@ -392,12 +400,13 @@ class ModeConnService:
             bool | None,
             Field(description="invert the image (default: decided from its border)"),
         ] = None,
+        precision: Annotated[Precision, Field(description="as in /predict")] = "fp32",
     ) -> Response:
         """Predict one uploaded image, preprocessed as the path's training data was."""
         try:
             # `image` is always the temporary file of an uploaded part (service.bodies).
             data = Path(image).read_bytes()
-            return _answer(self.catalog.predict_image(data, path, mode, k, t, invert))
+            return _answer(self.catalog.predict_image(data, path, mode, k, t, invert, precision))
         except RequestError as err:
             return _error(err)
 
@@ -413,7 +422,9 @@ class ModeConnService:
     def export(self, request: ExportRequest, /) -> FileResponse | JSONResponse:
         """The ONNX graph of a K-member ensemble or of the merged model at t, as a download."""
         try:
-            return _download(self.catalog, request.path, request.mode, request.k, request.t)
+            return _download(
+                self.catalog, request.path, request.mode, request.k, request.t, request.precision
+            )
         except RequestError as err:
             return _error(err)
 

@@ -69,21 +69,21 @@ def mb_points():
 @pytest.fixture(scope="session")
 def models_root(mlp_pair, bn_pair, digits, tmp_path_factory):
     """A models directory for the service: paths/mlp (ensembles K = 2, 3; merged t = 0, 0.5;
-    a cascade of 3 members, which adds the merged t = 1), paths/cnn (BatchNorm; K = 2, t = 0.5;
-    t = 0.3 skipped; no cascade) and "unbuilt" (no bundle)."""
+    a cascade of 3 members, which adds the merged t = 1; an int8 copy of each), paths/cnn
+    (BatchNorm; K = 2, t = 0.5; t = 0.3 skipped; no cascade) and "unbuilt" (no bundle)."""
     from modeconn.checkpoint import load_checkpoint
     from modeconn.pipeline import fit_artifact
     from modeconn.serving import build_serving
 
     root = tmp_path_factory.mktemp("served")
-    for name, pair, ks, ts, cascade in (
-        ("mlp", mlp_pair, (2, 3), (0.0, 0.5), 3),
-        ("cnn", bn_pair, (2,), (0.5, 0.3), 0),  # 0.3 has no stored BN statistics: skipped
+    for name, pair, ks, ts, cascade, int8 in (
+        ("mlp", mlp_pair, (2, 3), (0.0, 0.5), 3, True),
+        ("cnn", bn_pair, (2,), (0.5, 0.3), 0, False),  # 0.3 has no stored BN statistics: skipped
     ):
         a, b = (load_checkpoint(p) for p in pair)
         out = root / "paths" / name
         fit_artifact(a, b, digits, "linear", out=out, eval_points=3, served_ts=[0.0, 0.5, 1.0])
-        build_serving(out, ks=ks, ts=ts, cascade=cascade)
+        build_serving(out, ks=ks, ts=ts, cascade=cascade, int8=int8, int8_tolerance=5.0)
     a, b = (load_checkpoint(p) for p in mlp_pair)
     fit_artifact(a, b, digits, "linear", out=root / "unbuilt", eval_points=0)
     return root

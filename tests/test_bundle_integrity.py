@@ -474,7 +474,7 @@ def test_force_keeps_the_ensemble_sizes_and_t_values_of_the_bundle(root, capsys)
     assert main(["--quiet", "serve-build", str(art), "--force"]) == 0
     index = read_index(art)
     assert sorted(index.ensembles) == [2] and sorted(index.merged) == [0.5]
-    assert index.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE}
+    assert index.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE, "int8": False}
     assert "ensembles K = 2; merged t = 0.5; cascade: none" in capsys.readouterr().out
     # Only --k given: the t values stay those of the bundle.
     assert main(["--quiet", "serve-build", str(art), "--force", "--k", "3"]) == 0
@@ -490,7 +490,7 @@ def test_a_bundle_of_the_previous_format_is_rebuilt_with_its_values(root):
         graph.pop("sha256", None)
     (art / "serving" / "index.json").write_text(json.dumps(index))
     rebuilt = build_serving(art)
-    assert rebuilt.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE}
+    assert rebuilt.requested == {"ks": [2], "ts": [0.5], "cascade": NO_CASCADE, "int8": False}
     assert sorted(rebuilt.ensembles) == [2] and sorted(rebuilt.merged) == [0.5]
 
 

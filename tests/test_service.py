@@ -83,7 +83,7 @@ def test_bundle_is_kept_when_up_to_date_and_rebuilt_on_force(models_root, tmp_pa
         index = build_serving(art, **kwargs)
         assert (art / "serving" / "ensemble_k2.onnx").stat().st_mtime_ns == before
         assert sorted(index.ensembles) == [2, 3]
-    index = build_serving(art, ks=(2,), ts=(), cascade=0, force=True)
+    index = build_serving(art, ks=(2,), ts=(), cascade=0, int8=False, force=True)
     assert sorted(index.ensembles) == [2] and not index.merged
     assert sorted(p.name for p in (art / "serving").iterdir()) == ["ensemble_k2.onnx", "index.json"]
 

@@ -4,11 +4,15 @@
     modeconn serve-build artifacts                               # every artifact below a folder
     modeconn serve-build DIR --k 2,4,8 --ts 0,0.5,1              # choose ensembles and merges
     modeconn serve-build DIR --cascade 8 --cascade-threshold 0.9 # the cascade's stop rule
+    modeconn serve-build DIR --int8                              # int8 copies, checked on data
 
 Writes ``DIR/serving/`` (one graph per K-member ensemble, one per merged model at t, and
 ``index.json`` with each graph's sha256), and by default a confidence cascade of 8 members
 (merged graphs at the 8-member ensemble's t values, run one at a time; ``modeconn evaluate DIR
---cascade`` suggests a threshold); ``bentoml serve service.service:ModeConnService`` loads
+--cascade`` suggests a threshold); with ``--int8`` also an int8 copy of every graph, served as
+``"precision": "int8"`` (calibrated on training inputs and checked against fp32 on the test
+split of the artifact's data set, or of ``--data``; copies that lose more than
+``--int8-tolerance`` accuracy points are skipped); ``bentoml serve service.service:ModeConnService`` loads
 every artifact that has one. BatchNorm models get graphs only at the t values whose statistics
 the artifact stores. A bundle is rebuilt when its artifact changed or a graph no longer matches
 its sha256; temporary folders left by killed runs are removed.
@@ -21,7 +25,8 @@ import sys
 from pathlib import Path
 
 from modeconn.cascade import RULES
-from modeconn.commands._common import comma_list
+from modeconn.commands._common import add_data, comma_list
+from modeconn.commands.export import _DEFAULT_TOLERANCE
 
 
 def _ints(text: str) -> list[int]:
@@ -91,6 +96,22 @@ def register(sub) -> None:
         "request may give its own)",
     )
     p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write an int8 copy of every graph, checked against fp32 on the test split "
+        "(default: what an existing bundle holds, else no)",
+    )
+    p.add_argument(
+        "--int8-tolerance",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="skip int8 copies whose test accuracy drops more than this (default: "
+        f"{_DEFAULT_TOLERANCE})",
+    )
+    add_data(p, default=None)
+    p.add_argument(
         "--max-ensemble-mb",
         type=float,
         default=DEFAULT_MAX_ENSEMBLE_MB,
@@ -114,6 +135,16 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from modeconn.serving import build_serving, find_artifacts, save_to_store
 
+    if args.int8_tolerance is not None and not args.int8:
+        raise ValueError("--int8-tolerance only applies with --int8")
+    if args.data is not None and not args.int8:
+        raise ValueError("--data is read only with --int8 (calibration and the int8 check)")
+    data = None
+    if args.data is not None:
+        from modeconn.data import load_data
+
+        data = load_data(args.data)
+
     targets: list[Path] = []
     for name in args.dirs:
         found = find_artifacts(name)
@@ -130,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
                 cascade=args.cascade,
                 rule=args.cascade_rule,
                 threshold=args.cascade_threshold,
+                int8=args.int8,
+                int8_tolerance=args.int8_tolerance,
+                data=data,
                 max_ensemble_mb=args.max_ensemble_mb,
                 force=args.force,
             )
@@ -144,9 +178,18 @@ def run(args: argparse.Namespace) -> int:
         cascade = index.cascade
         stop = f"{cascade.k} members, {cascade.rule} {cascade.threshold:g}" if cascade else "none"
         print(f"{directory}: ensembles K = {ens}; merged t = {merged}; cascade: {stop}")
+        for graph in index.int8:
+            check = graph.int8_check or {}
+            what = f"k={graph.k}" if graph.mode == "ensemble" else f"t={graph.ts[0]:g}"
+            print(
+                f"  int8 {graph.mode} {what}: top-1 agreement "
+                f"{100 * check.get('agreement', 0):.2f} %, accuracy "
+                f"{-check.get('accuracy_drop_points', 0):+.2f} points vs fp32"
+            )
         for entry in index.skipped:
             what = f"k={entry['k']}" if "k" in entry else f"t={entry['t']:g}"
-            print(f"  skipped {entry['mode']} {what}: {entry['reason']}")
+            precision = f" ({entry['precision']})" if "precision" in entry else ""
+            print(f"  skipped {entry['mode']}{precision} {what}: {entry['reason']}")
         if args.to_store:
             print(f"  saved to the BentoML model store as {save_to_store(directory)}")
     if failed:
