@@ -10,6 +10,14 @@ User errors (a missing file, a bad option, data that does not fit the model) pri
 stderr and exit with status 2; ``--verbose`` shows the traceback instead. Errors in the command
 line itself print the usage of the command first, and a mistyped option or command is answered
 with the closest valid one. Failures (a fit that diverged, an ONNX check that failed) exit 1.
+
+Several processes: ``torchrun --nproc-per-node N -m modeconn COMMAND ...`` runs the commands of
+:data:`DISTRIBUTED` in parallel, with the same command line as one process. Each process joins
+the group (gloo for ``--device cpu``, nccl for ``--device cuda``, each rank on the GPU of its
+``LOCAL_RANK``) before the command and leaves it after, also on an error, so that no rank is
+left waiting. Rank 0 logs, shows progress and writes the results; the other ranks log warnings
+only. Every other command does one process's work and so refuses to start under ``torchrun``
+(one line on rank 0, status 2) rather than run N times or leave N - 1 processes idle.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import errno
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -43,6 +52,8 @@ COMMANDS = (
     "serve_build",
 )
 
+#: The commands that run in parallel under ``torchrun`` (data-parallel fits and training).
+DISTRIBUTED = frozenset({"connect", "fge", "train"})
 
 #: What argparse reads as a negative number (a value), not as an option.
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
@@ -189,16 +200,30 @@ class UserError(Exception):
     """An error whose message is the whole story: shown without a traceback."""
 
 
+class _OneProcess(UserError):
+    """A command that does not run in parallel, started by ``torchrun``: said by rank 0 only."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    rank = _launched_rank()  # None in one process
+    quiet = args.quiet or bool(rank)  # ranks other than 0: warnings only, no progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s"
+        if rank is None
+        else f"%(levelname)s %(name)s [rank {rank}]: %(message)s",
     )
-    args.progress = not args.quiet  # a bar on a terminal, plain lines in a log
+    args.progress = not quiet  # a bar on a terminal, plain lines in a log
     try:
+        if rank is not None:
+            return _run_in_group(args)
         return int(args.func(args) or 0)
+    except _OneProcess as err:
+        if not rank:
+            print(f"modeconn {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("modeconn: interrupted", file=sys.stderr)
         return 130
@@ -209,6 +234,38 @@ def main(argv: list[str] | None = None) -> int:
         kind = "" if user else "failed: "
         print(f"modeconn {args.command}: error: {kind}{_message(err)}", file=sys.stderr)
         return 2 if user else 1
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when ``torchrun`` started it with peers, else None. Read from the
+    environment, so that one process never imports torch here."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return rank if world > 1 else None
+
+
+def _run_in_group(args: argparse.Namespace) -> int:
+    """Run a command of :data:`DISTRIBUTED` in the process group, left again however it ends."""
+    if args.command not in DISTRIBUTED:
+        raise _OneProcess(f"`modeconn {args.command}` runs in one process; run it without torchrun")
+    from modeconn import distributed
+    from modeconn.commands._common import resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu"))
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(
+                f"--device {args.device}: under torchrun each rank takes the GPU of its "
+                "LOCAL_RANK; give --device cuda"
+            )
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    distributed.setup(device)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        distributed.teardown()
 
 
 #: OS errors about the paths given (missing, a file where a folder belongs, no permission):

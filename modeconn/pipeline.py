@@ -3,6 +3,9 @@
 The glue that ``modeconn connect``, ``modeconn fge``, ``modeconn compare`` and the demo share.
 Every method of the table goes through :func:`fit_artifact`; FGE, which starts from one
 network, gets ``b=None`` and becomes an artifact of kind ``points``.
+
+In a process group (``torchrun``) every rank fits; rank 0 alone then evaluates the path and
+writes the artifact while the others wait (see :mod:`modeconn.distributed`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeconn import distributed
 from modeconn.artifact import (
     PathArtifact,
     compute_served_buffers,
@@ -71,14 +75,15 @@ def save_fitted(
 def fit_state_file(out: str | os.PathLike | None, *, resume: bool) -> FsPath | None:
     """Where a fit of artifact ``out`` keeps its resumable state: a hidden file beside it.
 
-    Without ``resume`` a stale state from an earlier, interrupted fit is removed first.
+    Without ``resume`` a stale state from an earlier, interrupted fit is removed first (by
+    rank 0, which alone writes it).
     """
     if out is None:
         return None
     out = FsPath(out)
     state = out.with_name(f".{out.name}.fit-state.safetensors")
-    if not resume and state.exists():
-        state.unlink()
+    if not resume and distributed.is_main():
+        state.unlink(missing_ok=True)
     return state
 
 
@@ -172,6 +177,9 @@ def fit_artifact(
     the metrics also hold the members' ensemble (``ensemble``) beside the start (``start``).
     BatchNorm statistics, stored and evaluated, come from ``bn_examples`` seeded training
     inputs (``None`` or 0: all of them), recorded in the manifest for every later use.
+
+    In a process group every rank fits, then rank 0 alone evaluates the path and writes the
+    artifact while the others wait; they return an artifact without buffers or evaluation.
     """
     bn_examples = check_bn_examples(bn_examples)  # a bad count fails before any work
     row = get_method(method)
@@ -210,11 +218,14 @@ def fit_artifact(
     ts = served_ts if served_ts is not None else default_served_ts()
     if path.kind == "points":
         ts = [float(k) for k in path.knots()]
-    bn_inputs = bn_subset(data.x_train, bn_examples)  # (min(N, bn_examples), *input_shape)
-    buffers = compute_served_buffers(model, path, bn_inputs, ts, device=device)
-    model.cpu()
+    main = distributed.is_main()  # the others hold the same path: rank 0 evaluates it
+    buffers: dict[float, StateDict] = {}
+    if main:
+        bn_inputs = bn_subset(data.x_train, bn_examples)  # (min(N, bn_examples), *input_shape)
+        buffers = compute_served_buffers(model, path, bn_inputs, ts, device=device)
+        model.cpu()
     metrics: dict = {}
-    if eval_points:
+    if eval_points and main:
         evaluation = evaluate_path(
             model,
             path,
@@ -227,7 +238,7 @@ def fit_artifact(
         )
         model.cpu()
         metrics = evaluation.to_json()
-    if path.kind == "points":
+    if path.kind == "points" and main:
         members = [{**as_state(path.at(t)), **buffers.get(t, {})} for t in ts]
         metrics["ensemble"] = ensemble_metrics(model, members, data, device=device)
         metrics["start"] = ensemble_metrics(model, [a.state], data, device=device)
@@ -260,5 +271,7 @@ def fit_artifact(
         seed=config.seed,
     )
     artifact = PathArtifact(manifest=manifest, path=path, buffers=buffers)
-    save_fitted(out, artifact, checkpoint)
+    with distributed.main_first() as main:
+        if main:
+            save_fitted(out, artifact, checkpoint)
     return artifact, metrics or None

@@ -2,6 +2,13 @@
 
 Same seed, same device, same data: same weights (shuffling and initialisation both come from
 the seed; the CPU kernels used here are deterministic).
+
+Under ``torchrun`` training is data-parallel (:mod:`modeconn.distributed`): the ranks start
+from rank 0's initialisation, draw the same batches, each computes on its block of every batch,
+and the gradients are summed over the ranks in one all-reduce per step, so the weights stay the
+same on every rank and, without BatchNorm, end within float rounding of one process's. A
+BatchNorm layer normalises each block by its own statistics; its running statistics, tracked
+per rank, are averaged over the ranks at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeconn import distributed
 from modeconn.data import Dataset, iterate_batches
 from modeconn.evaluate import predict
 from modeconn.progress import progress_bar
@@ -64,6 +72,8 @@ def train_model(
     """Train ``model`` in place on ``data``; returns its final metrics."""
     device = torch.device(device or "cpu")
     model.to(device)
+    for tensor in (*model.parameters(), *model.buffers()):  # rank 0's start on every rank
+        distributed.broadcast(tensor.data)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -89,18 +99,33 @@ def train_model(
                 generator=generator,
                 augment=data.augment,
                 drop_last=drop_last,
-                device=device,
             ):
-                loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
+                (x, y), share = distributed.shard((x, y))  # this rank's rows, their share
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                if distributed.active():
+                    loss = loss * share
                 loss.backward()
+                loss = distributed.all_reduce_gradients(model.parameters(), loss)  # batch's mean
                 optimizer.step()
                 scheduler.step()
-                running += float(loss.detach())
+                running += float(loss)
             if not math.isfinite(running):
                 raise RuntimeError(
                     f"training diverged (loss {running}); lower the learning rate (now {config.lr})"
                 )
             bar.advance(1, loss=running / steps_per_epoch)
+    _average_buffers(model)
     model.eval()
     return evaluate_model(model, data, device=device)
+
+
+def _average_buffers(model: nn.Module) -> None:
+    """The mean over the ranks of each floating buffer (BatchNorm's running statistics, which
+    each rank tracked on its own blocks), so that every rank ends with the same model."""
+    world = distributed.world_size()
+    if world == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            distributed.all_reduce_sum(buffer.data).div_(world)

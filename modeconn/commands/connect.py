@@ -3,6 +3,9 @@
 Each method's options are flags derived from its config; `modeconn connect --method M --help`
 lists M's. ``--config F.yaml`` gives options from a file, ``--set KEY=VALUE`` any option, and
 flags override both. A flag of another method is refused with the list of those that apply.
+
+Under ``torchrun`` the fit runs in parallel (bezier and polychain data-parallel); rank 0
+evaluates, writes the artifact and reports.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def register(sub, argv: Sequence[str] = ()) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modeconn import distributed
     from modeconn.commands.eval_path import print_summary
     from modeconn.pipeline import fit_artifact
 
@@ -115,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         eval_points=eval_points(args.eval_points, config.budget),
         bn_examples=args.bn_examples,
     )
+    if not distributed.is_main():
+        return 0  # rank 0 evaluated and wrote the artifact, and reports it
     fit = artifact.manifest.fit
     print(
         f"{args.out}: {args.method} path with {artifact.path.num_nodes} nodes, fitted in {fit['seconds']:.1f}s"

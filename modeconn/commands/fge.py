@@ -4,6 +4,8 @@ From the trained endpoint A, SGD with a triangular cyclical learning rate (lr1 -
 mid-cycle -> lr1) collects one member at each low point (Garipov et al. 2018). The members are
 saved as an artifact of kind ``points`` (same format as a path, BN statistics per member), which
 the ensemble, export and serving commands use like points of a path.
+
+Under ``torchrun`` the fit is data-parallel; rank 0 evaluates, writes the artifact and reports.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modeconn import distributed
     from modeconn.pipeline import fit_artifact
 
     config = method_config(args, "fge")  # bad options fail before any file is read
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         bn_examples=args.bn_examples,
     )
+    if not distributed.is_main():
+        return 0  # rank 0 evaluated and wrote the artifact, and reports it
     assert metrics is not None  # a point set's members are always evaluated
     fit = artifact.manifest.fit
     print(

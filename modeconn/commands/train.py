@@ -1,4 +1,7 @@
-"""``modeconn train``: train one endpoint and save it as a self-describing safetensors file."""
+"""``modeconn train``: train one endpoint and save it as a self-describing safetensors file.
+
+Under ``torchrun`` the training is data-parallel; rank 0 writes the file and reports.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from modeconn import distributed
     from modeconn.checkpoint import save_checkpoint
     from modeconn.data import load_data
     from modeconn.formats import absolute_data_spec
@@ -52,16 +56,20 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     metrics = train_model(model, data, config, device=device, progress=args.progress)
     seconds = time.perf_counter() - start
-    save_checkpoint(
-        args.out,
-        model.cpu(),
-        data=absolute_data_spec(data.name),  # found from any working directory
-        data_fingerprint=data.fingerprint(),
-        seed=args.seed,
-        train=config.__dict__,
-        metrics=metrics,
-        seconds=round(seconds, 2),
-    )
+    with distributed.main_first() as main:  # the ranks hold the same weights: one writes them
+        if main:
+            save_checkpoint(
+                args.out,
+                model.cpu(),
+                data=absolute_data_spec(data.name),  # found from any working directory
+                data_fingerprint=data.fingerprint(),
+                seed=args.seed,
+                train=config.__dict__,
+                metrics=metrics,
+                seconds=round(seconds, 2),
+            )
+    if not main:
+        return 0
     print(
         f"{args.out}: {args.model} seed {args.seed}, {args.epochs} epochs in {seconds:.1f}s: "
         f"train acc {metrics['train_acc']:.4f} loss {metrics['train_loss']:.4f}, "

@@ -17,6 +17,11 @@ per step whatever the number of tensors, and the network runs on views of it wit
 gathered into one flat vector and turned into the interior nodes' gradient (``c_k`` times it,
 plus the weight decay) with one or two ops; the optimised leaf shares storage with the
 interior rows, and the endpoints never see a gradient.
+
+Under ``torchrun`` the fit is data-parallel (:mod:`modeconn.distributed`): every rank draws the
+same batches and ``t``, computes on its block of each batch, and that flat gradient (with the
+loss) is summed over the ranks in one all-reduce per step, so the nodes stay identical on
+every rank and a saved state resumes under any number of ranks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import torch
 from torch import Tensor
 
+from modeconn import distributed
 from modeconn.fit.configs import CurveConfig
 from modeconn.fit.objective import Objective
 from modeconn.fit.state import (
@@ -130,6 +136,10 @@ class CurveTrainer:
         the network's backward; the chain rule to interior node k (``c_k``) and the weight-decay
         term are then applied to the laid-out gradients with multi-tensor ops. No autograd
         graph runs through the nodes, and the endpoints never see a gradient.
+
+        In a process group every rank is given the same ``batch`` and ``t``; each computes on
+        its block of the rows, weighted by its share, and the flat gradient and the loss are
+        summed over the ranks in one all-reduce, before the weight decay (added once).
         """
         if lr is not None:
             self.optimizer.param_groups[0]["lr"] = lr
@@ -138,12 +148,24 @@ class CurveTrainer:
         with torch.no_grad():
             w = c @ self.nodes  # (K,) @ (K, N) -> (N,)
         point = {k: v.requires_grad_(True) for k, v in self.layout.unflatten(w).items()}
-        loss = self.objective.loss(point, batch)
+        # An energy has no batch to share: every rank computes the same full gradient.
+        parallel = batch is not None and distributed.active()
+        if batch is not None and parallel:
+            rows, share = distributed.shard(batch)  # this rank's rows, their share
+            loss = self.objective.loss(point, rows) * share
+        else:
+            loss = self.objective.loss(point, batch)
         single = len(coeffs) == 3  # one interior node: fold c_1 into the loss, one pass below
         (loss * coeffs[1] if single else loss).backward()
         # dL/dw(t), laid out contiguously by the leaves (zeros for unused parameters)
         grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in point.values()]
-        grad = torch.cat([g.reshape(-1) for g in grads])  # (N,)
+        parts = [g.reshape(-1) for g in grads]
+        if parallel:  # the gradient and the loss, summed over the ranks in one all-reduce
+            flat = torch.cat([*parts, loss.detach().reshape(1).to(parts[0].dtype)])  # (N + 1,)
+            distributed.all_reduce_sum(flat)
+            grad, loss = flat[:-1], flat[-1]  # (N,), ()
+        else:
+            grad, loss = torch.cat(parts), loss.detach()  # (N,), ()
         wd = self.config.weight_decay
         if single:  # c_1 * (g + wd * w), with g already scaled by c_1
             if wd:
@@ -154,7 +176,7 @@ class CurveTrainer:
                 grad.add_(w, alpha=wd)
             self.interior.grad = torch.outer(c[1:-1], grad)  # (K-2, N)
         self.optimizer.step()
-        return loss.detach()
+        return loss
 
     def path(self) -> Path:
         """The fitted path (a copy of the nodes)."""

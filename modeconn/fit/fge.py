@@ -10,6 +10,10 @@ starting network at the cost of a few epochs. The result is a :class:`~modeconn.
 
 FGE is the method of the table that starts from one network (``endpoints=1``): its fitter
 takes ``end=None``.
+
+Under ``torchrun`` it runs data-parallel (:mod:`modeconn.distributed`): every rank draws the
+same batches, computes on its block of each, and the gradients are summed over the ranks in one
+all-reduce per step, so the members are the same on every rank.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 
 import torch
 
+from modeconn import distributed
 from modeconn.fit.configs import FGEConfig
 from modeconn.fit.objective import Objective
 from modeconn.fit.state import (
@@ -109,9 +114,16 @@ def fit_fge(
         while step < total:
             in_cycle = step % cycle_steps
             optimizer.param_groups[0]["lr"] = fge_lr(in_cycle / cycle_steps, config.lr1, config.lr2)
-            loss = objective.loss(params, stream.next())
+            batch = stream.next()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if batch is not None and distributed.active():
+                rows, share = distributed.shard(batch)  # this rank's rows, their share
+                loss = objective.loss(params, rows) * share
+                loss.backward()
+                loss = distributed.all_reduce_gradients(params.values(), loss)  # batch's mean
+            else:  # one process, or an energy (no batch): every rank computes the same
+                loss = objective.loss(params, batch)
+                loss.backward()
             optimizer.step()
             running += loss.detach()  # no device sync per step
             step += 1

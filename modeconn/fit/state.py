@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from modeconn import distributed
 from modeconn.fit.configs import MethodConfig
 from modeconn.fit.objective import Objective
 from modeconn.io import load_tensors, save_tensors
@@ -166,8 +167,10 @@ class FitState:
         return "; ".join(out) or "different options"
 
     def save(self, progress: dict, tensors: StateDict, stats: dict | None = None) -> None:
-        """Write the state atomically (nothing when the fit has no checkpoint file)."""
-        if self.ctx.checkpoint is None:
+        """Write the state atomically (nothing when the fit has no checkpoint file). In a
+        process group only rank 0 writes: every rank must hold the same state (see
+        :mod:`modeconn.distributed`), which is why a state resumes under any number of ranks."""
+        if self.ctx.checkpoint is None or not distributed.is_main():
             return
         meta = {
             "format": FORMAT,
