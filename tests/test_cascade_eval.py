@@ -118,6 +118,14 @@ def test_cli_table_json_plot_and_suggestion(mlp_path, tmp_path, capsys):
     assert result["k"] == 4 and result["rule"] == "confidence"
     assert [p["threshold"] for p in result["cascade"]] == [0.5, 0.9, 1.0]
     assert len(result["plain"]) == 4 and result["suggestion"]["report_n"] == 180
+    # The suggestion comes with the command that serves it; that command builds the cascade.
+    serve = next(line for line in out.splitlines() if line.startswith("serve it: "))
+    assert main(["--quiet", *serve.split()[3:], "--k", "", "--ts", ""]) == 0
+    from modeconn.formats import read_index
+
+    cascade = read_index(mlp_path).cascade
+    assert cascade is not None and cascade.k == 4
+    assert cascade.threshold == result["suggestion"]["threshold"]
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -243,6 +243,11 @@ def _run_cascade(args: argparse.Namespace) -> int:
             f"{data.name} ({args.split} set; members at t = {ordered})",
             sweep,
         )
+        if (s := sweep.suggestion) is not None:
+            print(
+                f"serve it: modeconn serve-build {directory} --cascade {k} --cascade-rule "
+                f"{rule} --cascade-threshold {s.threshold:g}"
+            )
         results[Path(directory).name] = sweep.to_json()
     if args.json:
         write_json(args.json, results)
