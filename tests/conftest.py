@@ -129,3 +129,15 @@ def service_env():
         for name, value in SERVICE_ENV.items():
             mp.setenv(name, value)
         yield
+
+
+@pytest.fixture(scope="module")
+def asgi(service_client, service_env):
+    """The service in process (``SERVICE_ENV``: bodies up to 1 MB, batches up to 64), every
+    4xx body checked against its documented schema."""
+    from tests.error_bodies import ErrorBodies
+
+    hooks = service_client.event_hooks
+    ErrorBodies(service_client.get("/docs.json").json()).install(service_client)
+    yield service_client
+    service_client.event_hooks = hooks

@@ -220,16 +220,6 @@ def test_raw_inputs_are_normalised_and_range_checked(digits):
 # In process: the ASGI app (BentoML's recommended unit test), many bad inputs
 
 
-@pytest.fixture(scope="module")
-def asgi(service_client, service_env):
-    """The service in process (conftest: bodies up to 1 MB, batches up to 64), every 4xx body
-    checked against its documented schema."""
-    hooks = service_client.event_hooks
-    ErrorBodies(service_client.get("/docs.json").json()).install(service_client)
-    yield service_client
-    service_client.event_hooks = hooks
-
-
 def _x(n: int = 2, seed: int = 0) -> list:
     return np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).round(5).tolist()
 

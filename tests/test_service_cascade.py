@@ -10,17 +10,8 @@ import pytest
 from modeconn.cascade import StopRule, run_cascade
 from modeconn.formats import read_index
 from modeconn.runtime import OnnxModel
-from tests.error_bodies import ErrorBodies
 
 PATH = "paths/mlp"  # conftest: a cascade of 3 members (t = 0.5, 0, 1), confidence 0.95
-
-
-@pytest.fixture(scope="module")
-def asgi(service_client, service_env):
-    hooks = service_client.event_hooks
-    ErrorBodies(service_client.get("/docs.json").json()).install(service_client)
-    yield service_client
-    service_client.event_hooks = hooks
 
 
 @pytest.fixture(scope="module")

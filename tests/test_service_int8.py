@@ -7,22 +7,12 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 
 from modeconn.formats import read_index
 from modeconn.runtime import OnnxModel
 from modeconn.serving import build_serving
-from tests.error_bodies import ErrorBodies
 
 PATH = "paths/mlp"  # conftest: built with int8 copies
-
-
-@pytest.fixture(scope="module")
-def asgi(service_client, service_env):
-    hooks = service_client.event_hooks
-    ErrorBodies(service_client.get("/docs.json").json()).install(service_client)
-    yield service_client
-    service_client.event_hooks = hooks
 
 
 def test_every_graph_has_a_checked_int8_copy(models_root):
