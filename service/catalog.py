@@ -107,10 +107,9 @@ class ServedPath:
             ensemble_ts={str(k): g.ts for k, g in sorted(self.ensembles.items())},
             served_ts=sorted(self.merged),
             barrier={
-                "loss_mean": pick(metrics.get("loss_barrier"), "mean"),
-                "loss_max": pick(metrics.get("loss_barrier"), "max"),
-                "error_mean": pick(metrics.get("error_barrier"), "mean"),
-                "error_max": pick(metrics.get("error_barrier"), "max"),
+                f"{what}_{kind}": pick(metrics.get(f"{what}_barrier"), kind)
+                for what in ("loss", "error")
+                for kind in ("mean", "max", "linear")  # linear: above the chord
             },
             accuracy={
                 "t0": float(test_acc[0]) if test_acc else None,

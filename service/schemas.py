@@ -473,7 +473,8 @@ class PathInfo(BaseModel):
     ensemble_ts: dict[str, list[float]] = Field(description="members' t values per K")
     served_ts: list[float] = Field(description="t values available for mode='merged'")
     barrier: dict[str, float | None] = Field(
-        description="train-loss and test-error barriers along the path (from the manifest)"
+        description="train-loss and test-error barriers along the path (from the manifest): "
+        "above the endpoints' mean, above the worse endpoint, and above the chord between them"
     )
     accuracy: dict[str, float | None] = Field(
         description="test accuracy at t=0, t=1, the midpoint and the worst t (from the manifest)"

@@ -53,7 +53,7 @@ def test_straight_path_between_two_mlps_has_a_clear_barrier(mlp_pair, tmp_path, 
         "--plot",
         tmp_path / "e.png",
     )
-    assert code == 0 and "loss barrier" in out
+    assert code == 0 and "loss barrier" in out and "above the chord" in out
     ev = json.loads((tmp_path / "e.json").read_text())
     assert len(ev["ts"]) == 21
     assert ev["loss_barrier"]["mean"] > 0.1  # independently trained: not linearly connected

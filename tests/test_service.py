@@ -241,6 +241,7 @@ def test_paths_lists_what_is_served_with_barrier_and_accuracy(asgi):
     }
     assert mlp["ensemble_ts"]["3"] == [0.0, 0.5, 1.0]
     assert mlp["barrier"]["loss_mean"] is not None and 0.5 < mlp["accuracy"]["t0"] <= 1.0
+    assert isinstance(mlp["barrier"]["loss_linear"], float)  # above the chord
     assert paths["paths/cnn"]["served_ts"] == [0.5]
     one = asgi.get("/paths", params={"path": "paths/cnn"}).json()["paths"]
     assert [p["name"] for p in one] == ["paths/cnn"]

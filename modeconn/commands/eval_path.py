@@ -53,13 +53,16 @@ def print_table(ev: dict, every: int | None = None) -> None:
 
 def print_summary(ev: dict) -> None:
     lb, eb = ev["loss_barrier"], ev["error_barrier"]
+    # Older artifacts' metrics lack the barrier above the chord.
+    loss_chord = f", {lb['linear']:.4f} above the chord" if "linear" in lb else ""
+    error_chord = f", {100 * eb['linear']:.2f} above the chord" if "linear" in eb else ""
     print(
-        f"loss barrier (train): {lb['mean']:.4f} above the endpoints' mean, {lb['max']:.4f} above the worse "
-        f"(peak {lb['peak']:.4f} at t={ev['ts'][lb['t_peak_index']]:.3f})"
+        f"loss barrier (train): {lb['mean']:.4f} above the endpoints' mean, {lb['max']:.4f} above the worse"
+        f"{loss_chord} (peak {lb['peak']:.4f} at t={ev['ts'][lb['t_peak_index']]:.3f})"
     )
     print(
         f"error barrier (test): {100 * eb['mean']:.2f} points above the mean, {100 * eb['max']:.2f} above "
-        f"the worse; worst test error {100 * ev['worst_test_error']:.2f}%"
+        f"the worse{error_chord}; worst test error {100 * ev['worst_test_error']:.2f}%"
     )
     print(
         f"length: {ev['weight_length']:.4f} in weights, {ev['prediction_length']:.4f} in predictions (sum sqrt JSD)"
