@@ -72,6 +72,9 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        # No abbreviations: `compare --method` must not quietly mean `--methods`; a shortened
+        # option is answered with the whole name instead.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._seen: list[str] = []  # the arguments being parsed, read again by error()
         self._commands: argparse._SubParsersAction | None = None  # the sub-commands, if any
@@ -114,9 +117,7 @@ class _Parser(argparse.ArgumentParser):
         """Whether argparse would take ``token`` (``--x``, ``--x=1``, ``-vq``) as one of ours."""
         options = self._options(hidden=False) + self._options(hidden=True)
         if token.startswith("--"):
-            name = token.partition("=")[0]
-            # allow_abbrev: a unique prefix is the option (an ambiguous one, argparse reports)
-            return any(option.startswith(name) for option in options if option.startswith("--"))
+            return token.partition("=")[0] in options
         return token[:2] in options  # -v, -vq (flags combined), -n5 (value attached)
 
     def _unknown_options(self) -> list[str]:
