@@ -5,6 +5,11 @@ Each cycle of the schedule first inserts pivots, then runs NEB steps with a fres
 ``highest``: the loss is evaluated densely between neighbouring pivots (``subsample`` points
 per gap), and up to ``insert_count`` pivots go where it rises most above the chord between the
 two neighbours, if that rise exceeds ``insert_threshold`` times the chain's loss range.
+
+Sharded across ranks, the dense evaluation is shared out by points and gathered, so every rank
+computes the same insertion from the same losses; the grown chain is then shared out afresh
+(new blocks, each rank building its own from the old rows it needs: see
+:mod:`modeconn.fit.neb`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,20 @@ axis and run with ``torch.func.vmap(functional_call)``, or in a loop over nodes 
 faster (convolutions on CPU, see :func:`modeconn.fit.state.resolve_engine`). BatchNorm models run in batch-statistics
 mode (every node normalises by its own statistics on the same batch); their running statistics
 are recomputed per served t when the artifact is built.
+
+Sharded across ranks (``torchrun``, see :mod:`modeconn.fit.sharding`): each rank owns a
+contiguous block of the interior nodes (parameters and optimiser state) and every rank draws
+the same batches. Node i enters the energy only through ``JSD(p_{i-1} || p_i)`` and
+``JSD(p_i || p_{i+1})``, so the gradient at a rank's nodes needs, besides its own models' outputs,
+only the *predictions* of the two nodes next to its block on the step's batch: ``(B, C)``
+log-probabilities from each neighbour (an endpoint's are computed locally), received as
+constants. Each rank differentiates the sum of the JSD terms that touch its nodes -- the same
+terms, with the same values, as the single-process energy has for them -- and the energy itself
+(for the record) is the sum of every pair's term, gathered as ``N-1`` scalars. So a step moves
+one ``(B, C)`` block per rank boundary each way, plus ``N-1`` scalars, however large the models;
+the chain comes out bitwise the single-process one (per node, the same ops on the same batch).
+The before/after lengths gather every node's predictions on the probe inputs (``(N, M, C)``),
+the weight-space length one neighbour's parameters and one scalar per pair.
 """
 
 from __future__ import annotations
@@ -39,8 +53,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
+from modeconn import distributed
 from modeconn.fit.configs import GeodesicConfig
 from modeconn.fit.objective import Objective, model_parameters
+from modeconn.fit.sharding import Shard, agree, assemble, fetch_rows, gather_rows, halo_wants
 from modeconn.fit.state import (
     BatchStream,
     FitContext,
@@ -187,23 +203,68 @@ def _measure(
     inputs: Tensor,
     batch_size: int,
     engine: str,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
-    """Length, energy and weight length of the chain on fixed inputs, in fitting mode."""
-    chunks = [
-        chain_log_probs(objective, start, interior, end, inputs[i : i + batch_size], engine)
-        for i in range(0, len(inputs), batch_size)
-    ]
-    log_probs = torch.cat(chunks, dim=1)  # (N, M, C)
+    """Length, energy and weight length of the chain on fixed inputs, in fitting mode.
+
+    ``interior``: this rank's block of nodes under ``shard`` (all of them without one). Every
+    rank gets the whole chain's figures.
+    """
+    shard = Shard(len(next(iter(interior.values()))) + 2) if shard is None else shard
+    chunks = []
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i : i + batch_size]  # (b, ...)
+        own = node_log_probs(objective, interior, x, engine=engine) if shard.count else None
+        chunks.append(_with_ends(objective, start, own, end, x))  # (n + 2, b, C)
+    band = torch.cat(chunks, dim=1)  # (n + 2, M, C): this rank's nodes and the endpoints
+    inner = assemble(shard, band[1:-1], shard.lo - 1, shard.interior)  # (N-2, M, C)
+    log_probs = torch.cat([band[:1], inner, band[-1:]])  # (N, M, C)
     weight = 0.0
-    for k in range(log_probs.shape[0] - 1):
-        a = start if k == 0 else {key: v[k - 1] for key, v in interior.items()}
-        b = end if k == log_probs.shape[0] - 2 else {key: v[k] for key, v in interior.items()}
-        weight += math.sqrt(sum(float((b[key] - a[key]).double().pow(2).sum()) for key in a))
+    for square in _pair_squares(start, interior, end, shard).tolist():  # (N-1,), in order
+        weight += math.sqrt(square)
     return {
         "length": chain_length(log_probs),
         "energy": float(chain_energy(log_probs)),
         "weight_length": weight,
     }
+
+
+def _with_ends(
+    objective: Objective, start: StateDict, own: Tensor | None, end: StateDict, x: Tensor
+) -> Tensor:
+    """``own`` log-probabilities ``(n, b, C)`` between the endpoints' on ``x``: ``(n + 2, b, C)``."""
+    lp_a = F.log_softmax(objective.forward(start, x), dim=-1)  # (b, C)
+    lp_b = F.log_softmax(objective.forward(end, x), dim=-1)  # (b, C)
+    middle = [own] if own is not None else []
+    return torch.cat([lp_a[None], *middle, lp_b[None]])
+
+
+def _pair_squares(
+    start: StateDict, interior: StackedStateDict, end: StateDict, shard: Shard
+) -> Tensor:
+    """``|w_{k+1} - w_k|^2`` for every pair of neighbours ``(N-1,)`` float64, each rank
+    measuring the pairs to the left of its nodes (the last owner also the one into B), with
+    the left neighbour's parameters fetched."""
+    keys = list(start)
+    wants = [[r for r in (shard.on(q).lo - 1,) if r > 0 and shard.on(q).count] for q in
+             range(shard.world)]  # fmt: skip
+    fetched = fetch_rows(shard, [interior[k] for k in keys], wants) if shard.sharded else []
+    left = dict(zip(keys, (rows[0] for rows in fetched))) if wants[shard.rank] else start
+
+    def node(row: int) -> StateDict:
+        if row == shard.size - 1:
+            return end
+        if row == shard.lo - 1:
+            return left
+        return {key: v[row - shard.lo] for key, v in interior.items()}
+
+    count = shard.count + int(shard.edge_segment())
+    squares = [
+        sum(float((node(k + 1)[key] - node(k)[key]).double().pow(2).sum()) for key in keys)
+        for k in range(shard.lo - 1, shard.lo - 1 + count)
+    ]
+    own = torch.tensor(squares, dtype=torch.float64, device=start[keys[0]].device)
+    return assemble(shard, own, shard.lo - 1, shard.size - 1)
 
 
 def _history(energies: Tensor, points: int = _HISTORY_POINTS) -> dict[str, list]:
@@ -249,7 +310,8 @@ def fit_geodesic(
     the engine and the number of per-node gradient evaluations. Saves its state every
     ``ctx.checkpoint_every`` steps (default 100) and at the end; with ``ctx.resume`` it
     continues from there and ends identical to an uninterrupted run (a larger ``steps`` budget
-    continues a finished run).
+    continues a finished run). Under a process group every rank fits its block of the nodes
+    (see the module docstring) and returns the whole path.
     """
     if objective.model is None or objective.is_vector or objective.data is None:
         raise TypeError(
@@ -270,8 +332,8 @@ def fit_geodesic(
         return PolyChain(stack_nodes([start, end]))
 
     layout = FlatLayout(start)
-    generator = torch.Generator().manual_seed(config.seed)
-    interior = initial_nodes(start, end, config.nodes, noise=config.init_noise, generator=generator)
+    shard = Shard.of(config.nodes)
+    interior = _initial_block(layout, start, end, config, shard)  # this rank's nodes
     stream = BatchStream(objective, torch.Generator().manual_seed(config.seed + 1))
     probe = _length_inputs(objective.data.x_train.to(device), config.length_inputs)
     total = config.total_steps(objective.steps_per_epoch)
@@ -286,56 +348,56 @@ def fit_geodesic(
         },
         every=CHECKPOINT_EVERY,
     )
+    agree(
+        "the fit (options, endpoints, checkpoint and resume)",
+        [state.fingerprint, state.enabled, ctx.resume, state.every],
+    )
     params = [interior[k].requires_grad_() for k in keys]
     optimizer = _optimizer(config, params)
     step = 0
     before = None
-    if (saved := state.resume()) is not None:
+    saved = state.resume()
+    agree("the saved fit state they resume from", saved.progress if saved else None)
+    if saved is not None:
         step = int(saved.progress["step"])
         if step > total:
             raise ValueError(
                 f"{ctx.checkpoint} is at step {step}, beyond this budget's {total} steps: "
                 f"ask for at least {step} steps"
             )
-        with torch.no_grad():
-            for k in keys:
-                interior[k].copy_(saved.tensors[f"node/{k}"])
-        load_optimizer_tensors(optimizer, {k: v.to(device) for k, v in saved.tensors.items()})
+        _restore(saved.tensors, interior, optimizer, shard)
         stream.restore(saved.tensors, saved.progress)
         energies[:step] = saved.tensors["energies"]
         before = saved.stats["before"]
     if before is None:
-        before = _measure(objective, start, interior, end, probe, batch_size, engine)
+        before = _measure(objective, start, interior, end, probe, batch_size, engine, shard)
 
     def save() -> None:
         tensors, progress = stream.state()
-        tensors.update({f"node/{k}": v.detach() for k, v in interior.items()})
-        tensors.update(optimizer_tensors(optimizer))
+        tensors.update(_whole_state(interior, optimizer, shard))
         tensors["energies"] = energies[:step]
-        state.save({"step": step, **progress}, tensors, {"before": before})
+        if distributed.is_main():
+            state.save({"step": step, **progress}, tensors, {"before": before})
 
     began = time.perf_counter()
     first = step
-    with progress_bar(total, "geodesic", enabled=ctx.progress) as bar:
+    shown = ctx.progress and distributed.is_main()
+    with progress_bar(total, "geodesic", enabled=shown) as bar:
         bar.skip(step)
         while step < total:
             batch = stream.next()
             assert batch is not None
             inputs = batch[0]  # (B, ...): the labels are never read
-            log_probs = chain_log_probs(objective, start, interior, end, inputs, engine)
-            energy = chain_energy(log_probs)  # scalar
             optimizer.param_groups[0]["lr"] = _lr_at(config, step, total)
-            optimizer.zero_grad(set_to_none=True)
-            energy.backward()
-            optimizer.step()
-            energies[step] = energy.detach()
+            energy = _step(objective, start, interior, end, inputs, engine, optimizer, shard)
+            energies[step] = energy
             bar.advance(1, energy=float(energies[step]))
             step += 1
-            if state.due(step) or step == total:
+            if state.due(step) or (step == total and state.enabled):
                 save()
     seconds = time.perf_counter() - began
     interior = {k: v.detach() for k, v in interior.items()}
-    after = _measure(objective, start, interior, end, probe, batch_size, engine)
+    after = _measure(objective, start, interior, end, probe, batch_size, engine, shard)
     ctx.stats.update(
         {
             "nodes": config.nodes,
@@ -363,5 +425,125 @@ def fit_geodesic(
         before["energy"],
         after["energy"],
     )
-    nodes = {k: torch.cat([start[k][None], interior[k], end[k][None]]) for k in keys}
-    return PolyChain(nodes)  # (N, *shape) per key, uniform knots
+    return _path(start, interior, end, shard)  # (N, *shape) per key, uniform knots
+
+
+def _initial_block(
+    layout: FlatLayout, start: StateDict, end: StateDict, config: GeodesicConfig, shard: Shard
+) -> StackedStateDict:
+    """This rank's interior nodes where :func:`initial_nodes` puts them: on the line, plus the
+    seeded noise drawn on the CPU for the whole chain (as one process draws it) and cut to the
+    rank's rows, so every rank starts its block as one process would."""
+    a, b = layout.flatten(start), layout.flatten(end)  # (D,)
+    knots = uniform_knots(config.nodes)[1:-1]  # (N-2,)
+    rows = slice(shard.lo - 1, shard.hi - 1)
+    t = knots[rows].to(device=a.device, dtype=a.dtype)[:, None]  # (n, 1)
+    block = a + t * (b - a)  # (n, D)
+    if config.init_noise > 0:
+        generator = torch.Generator().manual_seed(config.seed)
+        eps = torch.randn((len(knots), layout.numel), generator=generator, dtype=a.dtype)[rows]
+        block = block + config.init_noise * eps.to(a.device) * layout.tensor_rms(b - a)
+    return layout.unflatten_stacked(block)
+
+
+def _step(
+    objective: Objective,
+    start: StateDict,
+    interior: StackedStateDict,
+    end: StateDict,
+    inputs: Tensor,
+    engine: str,
+    optimizer: torch.optim.Optimizer,
+    shard: Shard,
+) -> Tensor:
+    """One optimiser step on this rank's nodes; returns the whole chain's energy on ``inputs``.
+
+    The gradient of the JSD terms that touch this rank's nodes is the gradient of the whole
+    energy there: the other terms do not depend on them.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if shard.count:
+        jsd = _band_jsd(objective, start, interior, end, inputs, engine, shard)  # (n+1,)
+        jsd.sum().backward()
+    else:  # a rank without nodes: keep its (empty) optimiser state in step with the others
+        jsd = torch.zeros(0, device=inputs.device)  # it takes no part in the exchange
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    count = shard.count + int(shard.edge_segment())  # the pairs this rank accounts for
+    pairs = assemble(shard, jsd[:count].detach(), shard.lo - 1, shard.size - 1)  # (N-1,)
+    return pairs.sum()
+
+
+def _neighbour_wants(shard: Shard) -> list[list[int]]:
+    """The nodes next to each rank's block (those of ranks with no nodes: none)."""
+    return [w if shard.on(r).count else [] for r, w in enumerate(halo_wants(shard))]
+
+
+def _band_jsd(
+    objective: Objective,
+    start: StateDict,
+    interior: StackedStateDict,
+    end: StateDict,
+    inputs: Tensor,
+    engine: str,
+    shard: Shard,
+) -> Tensor:
+    """``mean_x JSD(p_k || p_{k+1})`` for the pairs ``lo-1 .. hi-1`` that touch this rank's
+    nodes, ``(n+1,)``, differentiable in them; the neighbours' predictions are constants."""
+    own = node_log_probs(objective, interior, inputs, engine=engine)  # (n, B, C)
+    got: dict[int, Tensor] = {}
+    if shard.sharded:
+        wants = _neighbour_wants(shard)
+        [rows] = fetch_rows(shard, [own.detach()], wants)  # (<= 2, B, C)
+        got = dict(zip(wants[shard.rank], rows))
+    with torch.no_grad():
+        if shard.lo - 1 == 0:
+            got[0] = F.log_softmax(objective.forward(start, inputs), dim=-1)  # (B, C)
+        if shard.hi == shard.size - 1:
+            got[shard.hi] = F.log_softmax(objective.forward(end, inputs), dim=-1)  # (B, C)
+    lp = torch.cat([got[shard.lo - 1][None], own, got[shard.hi][None]])  # (n+2, B, C)
+    return jsd_from_log_probs(lp[:-1], lp[1:]).mean(dim=1)  # (n+1,)
+
+
+def _whole_state(
+    interior: StackedStateDict, optimizer: torch.optim.Optimizer, shard: Shard
+) -> dict[str, Tensor]:
+    """The nodes and optimiser moments of the whole chain, gathered on rank 0 (on its CPU when
+    sharded; the other ranks keep only the shared step counts): what a state saves, so that
+    any number of ranks resumes it."""
+    device = torch.device("cpu") if shard.sharded else None
+    out = {}
+    for key, value in interior.items():
+        out[f"node/{key}"] = gather_rows(shard, value.detach(), dst=0, device=device)
+    for key, value in optimizer_tensors(optimizer).items():
+        out[key] = gather_rows(shard, value, dst=0, device=device) if value.dim() else value
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _restore(
+    tensors: StateDict, interior: StackedStateDict, optimizer: torch.optim.Optimizer, shard: Shard
+) -> None:
+    """Load this rank's block of the saved nodes and optimiser moments (whole in the file)."""
+    device = next(iter(interior.values())).device
+    with torch.no_grad():
+        for k in interior:
+            interior[k].copy_(shard.take(tensors[f"node/{k}"]))
+    mine = {
+        k: (shard.take(v) if k.startswith("optim/") and v.dim() else v).to(device)
+        for k, v in tensors.items()
+    }
+    load_optimizer_tensors(optimizer, mine)
+
+
+def _path(start: StateDict, interior: StackedStateDict, end: StateDict, shard: Shard) -> PolyChain:
+    """The whole chain on every rank (sharded: gathered on the CPU)."""
+    device = torch.device("cpu") if shard.sharded else None
+    nodes = {}
+    for k, v in interior.items():
+        whole = gather_rows(shard, v, device=device)  # (N-2, *shape)
+        assert whole is not None
+        ends = start[k][None].to(whole.device), end[k][None].to(whole.device)
+        nodes[k] = torch.cat([ends[0], whole, ends[1]])
+    return PolyChain(nodes)
