@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_cascade import CASES, K, prepare  # noqa: E402
-from benchmarks.bench_service import Server, _percentiles  # noqa: E402
+from benchmarks.bench_service import SERVER_ENV, _percentiles  # noqa: E402
+from benchmarks.server import Server  # noqa: E402
 
 BATCHES = (1, 64)
 
@@ -131,7 +132,7 @@ def run(quick: bool = False, device: str = "cpu", cases: Sequence[str] | None = 
             threshold = _threshold(artifact, data, device)
             build_serving(artifact, ks=(K,), ts=(), cascade=K, threshold=threshold)
             prepared[name] = (artifact, data, threshold)
-        server = Server(models, root / "bentoml_home", root / "server.log")
+        server = Server(models, root / "bentoml_home", root / "server.log", SERVER_ENV)
         try:
             server.wait_ready()
             for name, (artifact, data, threshold) in prepared.items():

@@ -27,9 +27,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +38,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.server import Server  # noqa: E402
+
 CLIENTS = 16
 SERVER_THREADS = 4  # concurrent requests per worker (MODECONN_THREADS)
 ORT_THREADS = 1  # threads per onnxruntime operator, in the server and in process alike
@@ -99,71 +97,17 @@ def _member_bytes(model_name: str, shape, kwargs: dict) -> int:
 # A real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The server's settings in every case (see benchmarks/server.py for the rest).
+SERVER_ENV = {
+    "MODECONN_THREADS": str(SERVER_THREADS),
+    "MODECONN_ORT_THREADS": str(ORT_THREADS),
+    "MODECONN_MAX_BATCH": "4096",
+    "MODECONN_DEVICE": "cpu",
+}
 
 
-class Server:
-    """``bentoml serve`` on a free loopback port; stopped by its pid."""
-
-    def __init__(self, models: Path, home: Path, log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "BENTOML_HOME": str(home),
-            "BENTOML_DO_NOT_TRACK": "True",
-            "MODECONN_ARTIFACTS": str(models),
-            "MODECONN_THREADS": str(SERVER_THREADS),
-            "MODECONN_ORT_THREADS": str(ORT_THREADS),
-            "MODECONN_MAX_BATCH": "4096",
-            "MODECONN_DEVICE": "cpu",
-        }
-        env.pop("MODECONN_MODELS", None)
-        cli = Path(sys.executable).with_name("bentoml")
-        self.log = log
-        with open(log, "w") as handle:
-            self.proc = subprocess.Popen(
-                [str(cli), "serve", "service.service:ModeConnService"]
-                + ["--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO,
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
-        self.started = time.perf_counter()
-        self.ready_s: float | None = None
-
-    def wait_ready(self, timeout: float = 120.0) -> float:
-        import httpx
-
-        while self.ready_s is None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{self.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    self.ready_s = time.perf_counter() - self.started
-                    break
-            if time.perf_counter() - self.started > timeout:
-                raise RuntimeError(f"bentoml serve not ready:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        return self.ready_s
-
-    def worker_pids(self) -> list[int]:
-        import psutil
-
-        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+def _server(models: Path, home: Path, log: Path) -> Server:
+    return Server(models, home, log, SERVER_ENV)
 
 
 def _memory_mb(pid: int) -> dict:
@@ -321,8 +265,8 @@ def _memory(root: Path, home: Path, quick: bool) -> dict:
     _artifact(root / "memory", "wide_mlp", model_name, shape, kwargs, k)
     _artifact(root / "tiny", "tiny", model_name, shape, {"width": 4, "depth": 1}, 2)
     servers = {
-        "baseline": Server(root / "tiny" / "models", home, root / "baseline.log"),
-        "ensemble": Server(root / "memory" / "models", home, root / "ensemble.log"),
+        "baseline": _server(root / "tiny" / "models", home, root / "baseline.log"),
+        "ensemble": _server(root / "memory" / "models", home, root / "ensemble.log"),
     }
     try:
         for server in servers.values():
@@ -375,7 +319,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         home.mkdir()
         for name, (model_name, shape, kwargs, k) in cases.items():
             _artifact(root, name, model_name, shape, kwargs, k)
-        server = Server(root / "models", home, root / "server.log")
+        server = _server(root / "models", home, root / "server.log")
         try:
             results["startup_s"] = server.wait_ready()
             for name, (_, shape, _, k) in cases.items():
@@ -409,7 +353,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small case, few requests")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
