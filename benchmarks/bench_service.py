@@ -82,7 +82,7 @@ def _artifact(root: Path, name: str, model_name: str, shape, kwargs: dict, k: in
     a, b = (load_checkpoint(f) for f in files)
     out = root / "models" / name
     fit_artifact(a, b, data, "linear", out=out, eval_points=0, served_ts=[])
-    build_serving(out, ks=(k,), ts=(), max_ensemble_mb=4096)
+    build_serving(out, ks=(k,), ts=(), cascade=0, max_ensemble_mb=4096)
     return out
 
 

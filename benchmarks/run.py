@@ -182,6 +182,18 @@ WHY_MISSED: dict[str, str] = {
         "met at 0.00; over 20 seeded splits 14 meet it and the mean gap is about 0.1 point "
         "(see the splits in the cascade section). ResNet-20 meets it at a cost below 2."
     ),
+    "curve (K=3) step / plain step, MLP": (
+        "on 2026-12-02 the code of 2026-11-24 (which measured 1.18) measured 1.27 here, side by "
+        "side with today's 1.28: the machine, not the curve step, moved. The MLP's step is ~1 ms, "
+        "so the per-step overhead (the point w(t), the chain rule to the nodes) is a visible "
+        "share; ResNet-20 meets it (1.07-1.09)."
+    ),
+    "serving memory / (K x weights + runtime)": (
+        "on 2026-12-02 the service of 2026-11-24 (which measured 1.06) measured the same "
+        "296 MB here as today's (bentoml 1.4.40 instead of 1.4.39): about 84 MB, one more copy "
+        "of the five members' weights, stay in the worker after its graphs open. Not a change "
+        "of the service; not explained yet."
+    ),
     "HTTP / in-process throughput, 16 clients, batch 1 (MLP)": (
         "a digits-MLP ensemble computes in ~10 us; BentoML's own per-request cost (~1 ms: ASGI, "
         "JSON, pydantic, response) is 100x that, so no server can reach 50 % of in-process here. "
