@@ -161,13 +161,18 @@ def run(quick: bool = False, device: str = "cpu", cases: Sequence[str] | None = 
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def cases_cli(run_cases, doc: str | None, argv: list[str] | None = None) -> None:
+    """The command line of a benchmark over :data:`CASES`: print ``run_cases(...)`` as JSON."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MLP only, shorter training")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", choices=tuple(CASES), help="these cases only")
     args = parser.parse_args(argv)
-    print(json.dumps(run(quick=args.quick, device=args.device, cases=args.only), indent=2))
+    print(json.dumps(run_cases(quick=args.quick, device=args.device, cases=args.only), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cases_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

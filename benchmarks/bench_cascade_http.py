@@ -17,8 +17,6 @@ Expect the cascade to win where a member's compute outweighs onnxruntime's per-c
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_cascade import CASES, K, prepare  # noqa: E402
+from benchmarks.bench_cascade import CASES, K, cases_cli, prepare  # noqa: E402
 from benchmarks.bench_service import SERVER_ENV, _percentiles  # noqa: E402
 from benchmarks.server import Server  # noqa: E402
 
@@ -153,12 +151,7 @@ def run(quick: bool = False, device: str = "cpu", cases: Sequence[str] | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="MLP only, shorter training")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", nargs="+", choices=tuple(CASES), help="these cases only")
-    args = parser.parse_args(argv)
-    print(json.dumps(run(quick=args.quick, device=args.device, cases=args.only), indent=2))
+    cases_cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 __all__ = [
     "RULES",
+    "Rule",
     "StopRule",
     "CascadeResult",
     "cascade_order",
@@ -36,7 +37,9 @@ __all__ = [
     "replay_cascade",
 ]
 
-RULES = ("confidence", "agree")
+#: The stop rules, by name.
+Rule = Literal["confidence", "agree"]
+RULES: tuple[str, ...] = get_args(Rule)
 _EPS = 1e-12
 
 
@@ -44,7 +47,7 @@ _EPS = 1e-12
 class StopRule:
     """When an input leaves the cascade: ``rule`` and its ``threshold`` (see the module doc)."""
 
-    rule: Literal["confidence", "agree"] = "confidence"
+    rule: Rule = "confidence"
     threshold: float = 0.95
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from modeconn.cascade import Rule, StopRule
 from modeconn.validation import problems
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ __all__ = [
     "ModelInfo",
     "DataInfo",
     "Manifest",
+    "Precision",
     "ServedGraph",
     "ServedCascade",
     "ServingIndex",
@@ -118,6 +120,10 @@ def merged_file(t: float) -> str:
 def int8_file(fp32_file: str) -> str:
     """File name of the int8 copy of the graph ``fp32_file``."""
     return fp32_file.removesuffix(".onnx") + "_int8.onnx"
+
+
+#: The precisions a serving bundle's graphs come in.
+Precision = Literal["fp32", "int8"]
 
 
 class _Strict(BaseModel):
@@ -268,7 +274,7 @@ class ServedGraph(_Strict):
     size_bytes: int = 0
     max_abs_diff: float | None = Field(None, description="|onnxruntime - torch| at export")
     bn: list[str] = Field(default_factory=list, description="BatchNorm statistics per member")
-    precision: Literal["fp32", "int8"] = Field(
+    precision: Precision = Field(
         default="fp32",
         description="int8: a statically quantized copy of the fp32 graph of this mode",
     )
@@ -295,7 +301,7 @@ class ServedCascade(_Strict):
 
     k: int = Field(ge=1, description="members, at most (every input that never stops runs all)")
     ts: list[float] = Field(description="the members' t values, in the order they run")
-    rule: Literal["confidence", "agree"] = Field(
+    rule: Rule = Field(
         "confidence", description="when an input leaves: see modeconn.cascade.StopRule"
     )
     threshold: float = Field(
@@ -304,8 +310,6 @@ class ServedCascade(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServedCascade:
-        from modeconn.cascade import StopRule
-
         if len(self.ts) != self.k:
             raise ValueError(f"a cascade of k={self.k} members needs {self.k} t values")
         StopRule(self.rule, self.threshold)  # raises on a threshold the rule cannot take

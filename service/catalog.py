@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime  # noqa: F401 - loaded when the worker starts, not on its first request
 
-from modeconn.cascade import StopRule
+from modeconn.cascade import RULES, StopRule
 from modeconn.formats import (
     SERVING_DIR,
     Manifest,
@@ -329,7 +329,7 @@ class Catalog:
                 cascade.threshold if threshold is None else threshold,
             )
         except ValueError as err:
-            raise RequestError(400, str(err), {"rule": ["confidence", "agree"]}) from None
+            raise RequestError(400, str(err), {"rule": list(RULES)}) from None
         members = tuple(
             self._in_precision(served, served.merged[_served_t(t, served.merged)], precision)
             for t in cascade.ts[:k]

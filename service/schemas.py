@@ -28,7 +28,8 @@ from pydantic import (
 )
 from pydantic import model_validator as _model_validator
 
-from modeconn.formats import ServedCascade, ServedGraph
+from modeconn.cascade import Rule
+from modeconn.formats import Precision, ServedCascade, ServedGraph
 
 from .errors import ErrorResponse, clip
 
@@ -50,7 +51,6 @@ __all__ = [
 ]
 
 Mode = Literal["ensemble", "merged", "point", "cascade"]
-Precision = Literal["fp32", "int8"]
 DEFAULT_MAX_BATCH = 1024
 #: The largest ensemble size a request may name (a bound, so that no k is echoed at length).
 MAX_K = 2**31 - 1
@@ -354,7 +354,7 @@ class PredictRequest(_Request):
         description="merged/point: where on the path, in [0, 1] (default: 0.5, or the served "
         "t nearest to it); not used by ensembles",
     )
-    rule: Literal["confidence", "agree"] | None = Field(
+    rule: Rule | None = Field(
         None,
         description="cascade: when an input leaves (default: the rule the bundle was built "
         "with, see GET /paths): 'confidence' (the running mean's top probability reaches "

@@ -81,3 +81,4 @@ def test_an_int8_copy_over_the_tolerance_is_skipped_with_the_reason(models_root,
     out = capsys.readouterr().out
     assert "int8 ensemble k=2: top-1 agreement" in out
     assert main([*argv, "--int8-tolerance", "1"]) == 2  # only with --int8
+    assert main([*argv, "--data", "digits"]) == 2  # read only with --int8

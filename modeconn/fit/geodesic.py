@@ -436,13 +436,9 @@ def _initial_block(
     rank's rows, so every rank starts its block as one process would."""
     a, b = layout.flatten(start), layout.flatten(end)  # (D,)
     knots = uniform_knots(config.nodes)[1:-1]  # (N-2,)
+    generator = torch.Generator().manual_seed(config.seed)
     rows = slice(shard.lo - 1, shard.hi - 1)
-    t = knots[rows].to(device=a.device, dtype=a.dtype)[:, None]  # (n, 1)
-    block = a + t * (b - a)  # (n, D)
-    if config.init_noise > 0:
-        generator = torch.Generator().manual_seed(config.seed)
-        eps = torch.randn((len(knots), layout.numel), generator=generator, dtype=a.dtype)[rows]
-        block = block + config.init_noise * eps.to(a.device) * layout.tensor_rms(b - a)
+    block = straight_interior(layout, a, b, knots, config.init_noise, generator, rows)  # (n, D)
     return layout.unflatten_stacked(block)
 
 

@@ -244,17 +244,21 @@ def straight_interior(
     knots: Tensor,
     noise: float,
     generator: torch.Generator,
+    rows: slice = slice(None),
 ) -> Tensor:
-    """Interior nodes ``(M, N)`` on the line at ``knots`` ``(M,)``, plus seeded noise.
+    """Interior nodes ``(M, N)`` on the line at ``knots`` ``(M,)``, plus seeded noise; only
+    the nodes ``rows`` of them when given (a rank's block of a sharded chain).
 
     The noise has standard deviation ``noise`` times the RMS of ``b - a`` per tensor and is
-    drawn on CPU from ``generator``, so a seed gives the same start on every device. Without
+    drawn on CPU from ``generator``, so a seed gives the same start on every device; it is
+    drawn for all M nodes, so a block gets exactly the rows the whole chain would. Without
     it a straight line through the saddle of a symmetric landscape would never bend.
     """
-    t = knots.to(device=a.device, dtype=a.dtype)[:, None]  # (M, 1)
-    interior = a + t * (b - a)  # (M, N)
+    t = knots[rows].to(device=a.device, dtype=a.dtype)[:, None]  # (m, 1)
+    interior = a + t * (b - a)  # (m, N)
     if noise > 0:
-        eps = torch.randn(interior.shape, generator=generator, dtype=a.dtype)  # (M, N)
+        shape = (len(knots), a.numel())
+        eps = torch.randn(shape, generator=generator, dtype=a.dtype)[rows]  # (m, N)
         interior = interior + noise * eps.to(a.device) * layout.tensor_rms(b - a)
     return interior
 
